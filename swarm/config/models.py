@@ -1,0 +1,122 @@
+"""Pydantic models of a job file, one per section.
+
+Every section forbids unknown keys, so a typo is an error rather than a silently ignored
+setting. Cross-section rules (NVMe offload needs a folder, an offloaded optimizer must be
+DeepSpeed's CPU Adam) live on ``JobConfig``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+OffloadTarget = Literal["none", "cpu", "nvme"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: str = Field(description="Local model folder or Hugging Face hub id.")
+    revision: str | None = None
+    attention: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    trust_remote_code: bool = False
+
+
+class QuantizationSection(Section):
+    bits: Literal[4] | None = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _none_word(cls, value):
+        # YAML users write `bits: none`; treat it like null.
+        return None if isinstance(value, str) and value.lower() == "none" else value
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # "all-linear" is peft's shorthand for every linear layer except the output head.
+    targets: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class DataSection(Section):
+    files: list[str] = Field(min_length=1)
+    format: Literal["text", "instruction", "chat"] = "text"
+    seq_len: int = Field(512, ge=1)
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    skip_bad_records: bool = False
+    seed: int = 0
+
+    @field_validator("files", mode="before")
+    @classmethod
+    def _single_file(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class TrainSection(Section):
+    max_steps: int = Field(100, ge=1)
+    micro_batch: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    optimizer: Literal["adamw", "adamw_8bit", "adafactor"] = "adamw"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    log_every: int = Field(1, ge=1)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU; one per node on CPU).")
+
+
+class OffloadSection(Section):
+    params: OffloadTarget = "none"
+    optimizer: OffloadTarget = "none"
+    nvme_path: str | None = None
+
+
+class OutputSection(Section):
+    dir: str = "runs"
+    name: str | None = None
+
+
+class RaySection(Section):
+    address: str | None = Field(None, description="Existing cluster to join; none starts a local Ray.")
+    object_store_mb: int = Field(512, ge=75)
+    dashboard: bool = True
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+
+
+class JobConfig(Section):
+    model: ModelSection
+    quantization: QuantizationSection = QuantizationSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    offload: OffloadSection = OffloadSection()
+    output: OutputSection = OutputSection()
+    ray: RaySection = RaySection()
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> "JobConfig":
+        uses_nvme = "nvme" in (self.offload.params, self.offload.optimizer)
+        if uses_nvme and not self.offload.nvme_path:
+            raise ValueError(
+                "offload.nvme_path is required when offload.params or offload.optimizer is nvme; "
+                "set it to a folder on a fast drive"
+            )
+        if self.offload.optimizer != "none" and self.train.optimizer != "adamw":
+            raise ValueError(
+                f"train.optimizer={self.train.optimizer} runs on the device and cannot be offloaded; "
+                "use train.optimizer=adamw (DeepSpeed CPU Adam) or offload.optimizer=none"
+            )
+        return self
