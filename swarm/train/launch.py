@@ -1,0 +1,250 @@
+"""Driver side of ``swarm train``: check, prepare data, start Ray, run the workers, record.
+
+Everything that can fail because of the user's input fails here, before a worker starts
+or a weight is read: the model folder, the tokenizer, every data record, the offload
+folder. The data is tokenized once on the driver and handed to the workers through Ray's
+object store, so workers on other PCs need neither the data files nor a shared drive.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from swarm import __version__
+from swarm.config.models import JobConfig
+from swarm.errors import UserError
+from swarm.train.progress import ProgressRecorder
+from swarm.train.runtime import cuda_available, prepare_process_env
+
+
+def train(job: JobConfig) -> Path:
+    """Run the job to the end and return its run folder."""
+    prepare_process_env()
+    job = with_absolute_paths(job)
+    check_model_source(job)
+    check_offload_folder(job)
+    tokenizer = load_tokenizer(job)
+    from swarm.train.data import prepare_data
+
+    prepared = prepare_data(job.data, tokenizer)
+    if not prepared.train:
+        raise UserError(f"data.files: no training blocks were made from {', '.join(job.data.files)}")
+
+    run_dir = create_run_dir(job)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+
+    started = dt.datetime.now(dt.timezone.utc)
+    with ray_session(job) as dashboard_url:
+        recorder = ProgressRecorder(run_dir, job, dashboard_url)
+        fit(job, pack_arrays(prepared), recorder)
+    finished = dt.datetime.now(dt.timezone.utc)
+    write_run_summary(run_dir, job, recorder, prepared.stats, started, finished)
+    return run_dir
+
+
+def with_absolute_paths(job: JobConfig) -> JobConfig:
+    """The job with local paths made absolute: Ray workers do not run in this folder."""
+    update: dict[str, Any] = {}
+    if is_local_model(job.model.path):
+        update["model"] = job.model.model_copy(update={"path": str(Path(job.model.path).expanduser().resolve())})
+    if job.offload.nvme_path:
+        update["offload"] = job.offload.model_copy(
+            update={"nvme_path": str(Path(job.offload.nvme_path).expanduser().resolve())}
+        )
+    return job.model_copy(update=update)
+
+
+def is_local_model(path: str) -> bool:
+    """A folder path, as opposed to a hub id of the form ``org/name``."""
+    return path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") != 1
+
+
+def check_model_source(job: JobConfig) -> None:
+    """Refuse a model path that is neither an existing folder nor a plausible hub id."""
+    path = job.model.path
+    if is_local_model(path):
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"model.path: folder {path} does not exist")
+        if not (folder / "config.json").is_file():
+            raise UserError(f"model.path: {path} has no config.json; point it at a transformers model folder")
+
+
+def check_offload_folder(job: JobConfig) -> None:
+    """The NVMe offload folder must exist (or be creatable) and be writable."""
+    if not job.offload.nvme_path or "nvme" not in (job.offload.params, job.offload.optimizer):
+        return
+    folder = Path(job.offload.nvme_path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UserError(f"offload.nvme_path: cannot write to {folder} ({exc.strerror})") from None
+
+
+def load_tokenizer(job: JobConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            job.model.path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code
+        )
+    except OSError as exc:
+        raise UserError(f"model.path: cannot load a tokenizer from {job.model.path} ({' '.join(str(exc).split())[:200]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def create_run_dir(job: JobConfig) -> Path:
+    """``output.dir/NAME``; a generated name gets ``-2``, ``-3``... when taken."""
+    from swarm.export.names import run_name, validate_name
+
+    root = Path(job.output.dir)
+    if job.output.name:
+        validate_name(job.output.name)
+        run_dir = root / job.output.name
+        if run_dir.exists():
+            raise UserError(f"output.name: run folder {run_dir} exists; choose another output.name")
+    else:
+        base = run_name(job, dt.date.today())
+        run_dir, n = root / base, 1
+        while run_dir.exists():
+            n += 1
+            run_dir = root / f"{base}-{n}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def pack_arrays(prepared) -> dict[str, Any]:
+    """Packed blocks as int32 arrays: compact in Ray's object store, sliced by index."""
+    arrays: dict[str, Any] = {}
+    for split in ("train", "eval"):
+        blocks = getattr(prepared, split)
+        for key in ("input_ids", "labels", "attention_mask"):
+            arrays[f"{split}_{key}"] = np.array([b[key] for b in blocks], dtype=np.int32) if blocks else None
+    return arrays
+
+
+class ray_session:
+    """Connect to the configured Ray, or start a local one with a capped object store.
+
+    A Ray started here is stopped on exit; one that was already running is left alone.
+    """
+
+    def __init__(self, job: JobConfig):
+        self.job = job
+
+    def __enter__(self) -> str | None:
+        import ray
+
+        settings = self.job.ray
+        if settings.address:
+            context = ray.init(address=settings.address, log_to_driver=False, logging_level="ERROR")
+        else:
+            context = ray.init(
+                address="local",
+                object_store_memory=settings.object_store_mb * 1024**2,
+                include_dashboard=settings.dashboard,
+                dashboard_host="127.0.0.1",
+                dashboard_port=settings.dashboard_port,
+                # Worker output goes to Ray's log files; the terminal shows swarm's progress.
+                log_to_driver=False,
+                logging_level="ERROR",
+            )
+        url = context.dashboard_url
+        return f"http://{url}" if url and not url.startswith("http") else url
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        ray.shutdown()
+
+
+def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder) -> None:
+    """Run the Ray Train workers and feed their messages to ``recorder``."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    from swarm.train.loop import train_loop_per_worker
+
+    sink = Queue()
+    use_gpu = cuda_available()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job.model_dump(mode="json"), "data": ray.put(arrays), "sink": sink},
+        scaling_config=ScalingConfig(
+            num_workers=job.train.workers,
+            use_gpu=use_gpu,
+            # A token CPU reservation (Ray needs one non-zero resource): a desktop's cores
+            # are shared among its workers, not carved up.
+            resources_per_worker={"CPU": 0.01, "GPU": 1} if use_gpu else {"CPU": 0.01},
+        ),
+        # A hung collective should fail in minutes, not after torch's 30-minute default.
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=300),
+        run_config=RunConfig(name="ray", storage_path=str(recorder.run_dir.resolve())),
+    )
+    stop = threading.Event()
+    reader = threading.Thread(target=recorder.consume, args=(sink, stop), daemon=True)
+    reader.start()
+    try:
+        trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - unwrap user errors raised inside a worker
+        raise user_error_from(exc) or exc
+    finally:
+        stop.set()
+        reader.join()
+        recorder.close()
+
+
+def user_error_from(exc: BaseException) -> UserError | None:
+    """The ``UserError`` a worker raised, found in the chain Ray wraps around it."""
+    seen = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UserError):
+            return UserError(str(current))
+        pending += [current.__cause__, current.__context__]
+        pending += [e for e in getattr(current, "worker_failures", {}).values() if isinstance(e, BaseException)]
+        pending += [e for e in getattr(current, "args", ()) if isinstance(e, BaseException)]
+    return None
+
+
+def write_run_summary(run_dir: Path, job: JobConfig, recorder: ProgressRecorder, stats, started, finished) -> None:
+    """run.json: what the model card and later tools need to know about this run."""
+    summary = {
+        "name": run_dir.name,
+        "swarm_version": __version__,
+        "base_model": job.model.path,
+        "started": started.isoformat(timespec="seconds"),
+        "finished": finished.isoformat(timespec="seconds"),
+        "wall_time_s": round((finished - started).total_seconds(), 1),
+        **recorder.summary(),
+        "strategy": {
+            "name": "zero3",
+            "zero_stage": 3,
+            "offload_params": job.offload.params,
+            "offload_optimizer": job.offload.optimizer,
+        },
+        "data": {"format": job.data.format, **vars(stats)},
+    }
+    tmp = run_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(run_dir / "run.json")

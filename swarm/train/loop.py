@@ -1,0 +1,233 @@
+"""Worker side: the training loop every Ray Train worker runs.
+
+Each worker loads the 4-bit base with LoRA, initialises DeepSpeed with the config built
+from the job, and steps through its share of the packed blocks. Rank 0 talks to the
+driver through ``sink`` (a Ray queue): metrics as they happen, and the gathered adapter at
+the end. Nothing is written to disk here, so workers need no shared drive.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import resource
+import time
+from typing import Any
+
+from swarm.config.models import JobConfig
+from swarm.train.runtime import cpu_flags, prepare_process_env
+
+
+def lr_lambda(job: JobConfig):
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak at ``max_steps``."""
+    warmup, total, floor = job.train.warmup_steps, job.train.max_steps, job.train.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def client_optimizer(job: JobConfig, params):
+    """The optimizer object for DeepSpeed, or None when DeepSpeed builds AdamW itself."""
+    train = job.train
+    if train.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=train.lr, weight_decay=train.weight_decay)
+    if train.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params, lr=train.lr, weight_decay=train.weight_decay,
+            relative_step=False, scale_parameter=False, warmup_init=False,
+        )
+    return None
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker.
+
+    Args:
+        cfg: ``job`` (the job as a dict), ``data`` (packed blocks as numpy arrays),
+            ``sink`` (a ``ray.util.queue.Queue`` to the driver).
+    """
+    prepare_process_env()
+    import deepspeed
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from swarm.train.ds_config import deepspeed_config, resolve_precision
+    from swarm.train.model import load_model, trainable_parameters
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    job = JobConfig.model_validate(cfg["job"])
+    sink = cfg["sink"] if rank == 0 else None
+    data = ray.get(cfg["data"])
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        device = torch.device("cuda", context.get_local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        # Ray pins OMP threads to the worker's CPU reservation; swarm reserves none, so
+        # share this machine's cores among its workers instead.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
+    precision = resolve_precision(
+        job.train.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported(), cpu_flags()
+    )
+    ds_config = deepspeed_config(job, precision, on_gpu)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+
+    torch.manual_seed(job.train.seed)
+    model, _hf_ds_config = load_model(job, precision, ds_config, device)
+    named = trainable_parameters(model)
+    params = [p for _, p in named]
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        optimizer=client_optimizer(job, params),
+        lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(job)),
+        config=ds_config,
+    )
+    del _hf_ds_config
+
+    hosts = [None] * world
+    dist.all_gather_object(hosts, _host_facts(on_gpu))
+    if sink is not None:
+        sink.put({
+            "kind": "start", "world_size": world, "precision": precision, "start_step": 0,
+            "max_steps": job.train.max_steps, "hosts": hosts,
+            "trainable_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params),
+        })
+
+    train_ids, train_labels, train_mask = data["train_input_ids"], data["train_labels"], data["train_attention_mask"]
+    num_blocks, mb, ga = len(train_ids), job.train.micro_batch, job.train.grad_accum
+    from swarm.train.sampling import micro_batch_indices
+
+    def batch(indices, ids, labels, mask):
+        return {
+            "input_ids": torch.as_tensor(ids[indices], dtype=torch.long, device=device),
+            "labels": torch.as_tensor(labels[indices], dtype=torch.long, device=device),
+            "attention_mask": torch.as_tensor(mask[indices], dtype=torch.long, device=device),
+        }
+
+    engine.train()
+    for step in range(job.train.max_steps):
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        tokens = 0
+        for micro in range(ga):
+            idx = micro_batch_indices(step, micro, rank, world, mb, ga, num_blocks, job.data.seed)
+            inputs = batch(idx, train_ids, train_labels, train_mask)
+            loss = _masked_loss(engine, inputs)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+            tokens += int(inputs["attention_mask"].sum())
+        totals = torch.tensor([loss_sum.item() / ga, tokens], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        elapsed = time.perf_counter() - started
+        done = step + 1
+        if sink is not None and (done % job.train.log_every == 0 or done == job.train.max_steps):
+            sink.put_nowait({
+                "kind": "step", "step": done, "loss": totals[0].item() / world,
+                "lr": scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine),
+                "tokens": int(totals[1].item()), "tokens_per_s": totals[1].item() / elapsed,
+                "step_time_s": elapsed, **_memory_figures(on_gpu),
+            })
+        if data["eval_input_ids"] is not None and (done % job.train.eval_every == 0 or done == job.train.max_steps):
+            eval_loss = evaluate(engine, data, job, rank, world, batch)
+            if sink is not None:
+                sink.put_nowait({"kind": "eval", "step": done, "eval_loss": eval_loss})
+
+    state = gather_adapter(engine, named)
+    if sink is not None:
+        # A blocking put: the driver holds the adapter before this worker may exit.
+        sink.put({"kind": "adapter", "peft_config": model.peft_config["default"], "state_dict": state})
+
+
+def _masked_loss(engine, inputs):
+    """The model's loss, or a zero that still runs the forward pass when no label counts.
+
+    Every ZeRO-3 rank must run the same forward passes (they gather parameters together),
+    so a micro-batch made only of prompt tokens cannot simply be skipped.
+    """
+    out = engine(**inputs)
+    if bool((inputs["labels"][:, 1:] != -100).any()):
+        return out.loss
+    return out.logits.sum() * 0.0
+
+
+def evaluate(engine, data, job: JobConfig, rank: int, world: int, batch) -> float:
+    """Token-weighted mean loss over up to ``eval_batches`` micro-batches per worker."""
+    import torch
+    import torch.distributed as dist
+
+    ids, labels, mask = data["eval_input_ids"], data["eval_labels"], data["eval_attention_mask"]
+    mb = job.train.micro_batch
+    batches = min(job.train.eval_batches, max(1, math.ceil(len(ids) / (mb * world))))
+    device = engine.device
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    engine.eval()
+    with torch.no_grad():
+        for b in range(batches):
+            # Wrap around so every rank runs the same number of forward passes.
+            idx = [(b * world * mb + rank * mb + i) % len(ids) for i in range(mb)]
+            inputs = batch(idx, ids, labels, mask)
+            counted = int((inputs["labels"][:, 1:] != -100).sum())
+            loss = engine(**inputs).loss
+            if counted:
+                totals += torch.tensor([loss.item() * counted, counted], dtype=torch.float64, device=device)
+    engine.train()
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] else float("nan")
+
+
+def gather_adapter(engine, named) -> dict:
+    """The full fp32 LoRA weights under peft's names, gathered from every ZeRO-3 shard.
+
+    Collective: every rank must call it. Only rank 0 needs the result.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+    from peft import get_peft_model_state_dict
+
+    full = {name: safe_get_full_fp32_param(p).detach().cpu().clone() for name, p in named}
+    # named_parameters() of the engine's module carries peft's prefixes already.
+    return get_peft_model_state_dict(engine.module, state_dict=full)
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if hasattr(norm, "item") else norm)
+
+
+def _memory_figures(on_gpu: bool) -> dict:
+    import torch
+
+    figures = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if on_gpu:
+        figures["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+    return figures
+
+
+def _host_facts(on_gpu: bool) -> dict:
+    import psutil
+    import torch
+
+    gpus = []
+    if on_gpu:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        gpus.append({"name": props.name, "vram_bytes": props.total_memory})
+    return {"hostname": platform.node(), "gpus": gpus, "ram_bytes": psutil.virtual_memory().total}

@@ -1,0 +1,163 @@
+"""Driver side: turn the workers' messages into a progress bar, metrics.jsonl and files.
+
+Rank 0 sends plain dicts through a Ray queue (see ``swarm.train.loop``); this module is
+their only reader. It runs in a thread of the driver while ``TorchTrainer.fit`` blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from swarm.config.models import JobConfig
+
+GIB = 1024**3
+PLAIN_LINE_INTERVAL_S = 5.0  # without a terminal, one status line at most this often
+
+
+class ProgressRecorder:
+    """Consumes worker messages: renders progress, appends metrics, writes the adapter."""
+
+    def __init__(self, run_dir: Path, job: JobConfig, dashboard_url: str | None):
+        self.run_dir = run_dir
+        self.job = job
+        self.console = Console(stderr=True)
+        self.metrics_file = (run_dir / "metrics.jsonl").open("a")
+        self.start: dict = {}
+        self.last_step: dict = {}
+        self.last_eval: float | None = None
+        self.total_tokens = 0
+        self.adapter_written = False
+        self._last_plain = 0.0
+        self._progress: Progress | None = None
+        self._task = None
+        self._lock = threading.Lock()
+        if dashboard_url:
+            self.console.print(f"dashboard: {dashboard_url}", soft_wrap=True)
+
+    # -- messages ---------------------------------------------------------------------
+
+    def consume(self, sink, stop: threading.Event) -> None:
+        """Read messages until ``stop`` is set and the queue is drained."""
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                message = sink.get(timeout=0.5)
+            except (Empty, queue.Empty):
+                if stop.is_set():
+                    return
+                continue
+            self.handle(message)
+
+    def handle(self, message: dict) -> None:
+        kind = message.pop("kind")
+        with self._lock:
+            getattr(self, f"_on_{kind}")(message)
+
+    def _on_start(self, message: dict) -> None:
+        self.start = message
+        hosts = ", ".join(sorted({h["hostname"] for h in message["hosts"]}))
+        self.console.print(
+            f"training {self.job.model.path}: {message['world_size']} worker(s) on {hosts}, "
+            f"{message['precision']}, {message['trainable_params']:,} trainable parameters",
+            soft_wrap=True,
+        )
+        if self.console.is_terminal:
+            self._progress = Progress(
+                TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+                console=self.console, transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(
+                "train", total=message["max_steps"], completed=message["start_step"], status="loading"
+            )
+
+    def _on_step(self, message: dict) -> None:
+        self.last_step = message
+        self.total_tokens += message["tokens"]
+        self._write_metrics(message)
+        self._show(message["step"])
+
+    def _on_eval(self, message: dict) -> None:
+        self.last_eval = message["eval_loss"]
+        self._write_metrics(message)
+
+    def _on_adapter(self, message: dict) -> None:
+        write_adapter(self.run_dir / "adapter", message["peft_config"], message["state_dict"])
+        self.adapter_written = True
+
+    # -- output -----------------------------------------------------------------------
+
+    def _write_metrics(self, record: dict) -> None:
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+
+    def status_text(self) -> str:
+        m = self.last_step
+        parts = [f"loss {m['loss']:.4f}", f"{m['tokens_per_s']:,.0f} tok/s"]
+        if self.last_eval is not None:
+            parts.append(f"eval {self.last_eval:.4f}")
+        if "peak_device_bytes" in m:
+            parts.append(f"gpu {m['peak_device_bytes'] / GIB:.1f} GiB")
+        parts.append(f"rss {m['peak_rss_bytes'] / GIB:.1f} GiB")
+        return "  ".join(parts)
+
+    def _show(self, step: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, status=self.status_text())
+            return
+        now = time.monotonic()
+        if now - self._last_plain >= PLAIN_LINE_INTERVAL_S or step == self.job.train.max_steps:
+            self._last_plain = now
+            print(f"step {step}/{self.job.train.max_steps}  {self.status_text()}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        self.metrics_file.close()
+
+    def summary(self) -> dict:
+        """Figures for run.json."""
+        return {
+            "steps": self.last_step.get("step", 0),
+            "tokens": self.total_tokens,
+            "train_loss": self.last_step.get("loss"),
+            "eval_loss": self.last_eval,
+            "world_size": self.start.get("world_size"),
+            "precision": self.start.get("precision"),
+            "trainable_params": self.start.get("trainable_params"),
+            "hardware": {"nodes": _nodes(self.start.get("hosts", []))},
+        }
+
+
+def _nodes(hosts: list[dict]) -> list[dict]:
+    """One entry per machine, with the GPUs of all its workers."""
+    nodes: dict[str, dict] = {}
+    for host in hosts:
+        node = nodes.setdefault(host["hostname"], {"hostname": host["hostname"], "gpus": [], "ram_bytes": host["ram_bytes"]})
+        node["gpus"] += host["gpus"]
+    return list(nodes.values())
+
+
+def write_adapter(folder: Path, peft_config, state_dict: dict) -> None:
+    """Write a peft adapter folder atomically: a temporary folder renamed into place."""
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    peft_config.save_pretrained(tmp)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)

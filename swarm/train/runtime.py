@@ -1,0 +1,43 @@
+"""Process set-up shared by the driver and the workers: device, threads, quiet logs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def prepare_process_env() -> None:
+    """Environment that must be set before DeepSpeed is imported in this process.
+
+    Without CUDA, DeepSpeed is told to use its CPU accelerator (it would guess the same,
+    with a warning on every import). Library chatter that would break the progress bar is
+    turned down.
+    """
+    if not cuda_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def cpu_flags() -> set[str]:
+    """CPU feature flags, e.g. {'avx2', 'amx_bf16'}; empty where /proc/cpuinfo is missing."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
