@@ -15,6 +15,11 @@ def add_parser(subparsers) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a job value, e.g. --set train.max_steps=50 (the value is read as YAML)",
     )
+    p.add_argument(
+        "--resume", nargs="?", const=True, default=None, metavar="PATH",
+        help="continue this job's newest run from its newest intact checkpoint, "
+        "or from the given run or checkpoint folder",
+    )
     p.set_defaults(run=run)
 
 
@@ -23,6 +28,6 @@ def run(args) -> int:
     from swarm.train.launch import train
 
     job = load_job(args.job, args.overrides)
-    run_dir = train(job)
+    run_dir = train(job, resume=args.resume)
     print(f"run: {run_dir}")
     return 0

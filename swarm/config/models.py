@@ -75,6 +75,8 @@ class TrainSection(Section):
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1)
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (also saved on Ctrl-C/SIGTERM).")
+    keep_checkpoints: int = Field(3, ge=1)
     workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU; one per node on CPU).")
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -22,12 +24,20 @@ import yaml
 from swarm import __version__
 from swarm.config.models import JobConfig
 from swarm.errors import UserError
+from swarm.train import checkpoint
+from swarm.train import resume as resume_rules
 from swarm.train.progress import ProgressRecorder
 from swarm.train.runtime import cuda_available, prepare_process_env
 
 
-def train(job: JobConfig) -> Path:
-    """Run the job to the end and return its run folder."""
+def train(job: JobConfig, resume: str | bool | None = None) -> Path:
+    """Run the job to the end (or to a requested stop) and return its run folder.
+
+    Args:
+        job: The validated job.
+        resume: None or False for a new run; True to continue this job's newest run from
+            its newest intact checkpoint; a path to a run or checkpoint folder.
+    """
     prepare_process_env()
     job = with_absolute_paths(job)
     check_model_source(job)
@@ -38,23 +48,51 @@ def train(job: JobConfig) -> Path:
     prepared = prepare_data(job.data, tokenizer)
     if not prepared.train:
         raise UserError(f"data.files: no training blocks were made from {', '.join(job.data.files)}")
+    fingerprint = resume_rules.fingerprint(job, prepared.stats.sha256)
 
-    run_dir = create_run_dir(job)
+    resume_state = None
+    if resume:
+        given = resume if isinstance(resume, str) else None
+        run_dir = resume_rules.find_run_dir(job, given)
+        source = resume_rules.pick_checkpoint(run_dir, given, report=lambda line: print(line, file=sys.stderr))
+        resume_state = checkpoint.load_checkpoint(source)
+        resume_rules.check_compatible(resume_state["manifest"]["fingerprint"], fingerprint, source)
+        trim_metrics(run_dir / "metrics.jsonl", resume_state["manifest"]["step"])
+        print(f"resuming {run_dir} from step {resume_state['manifest']['step']}", file=sys.stderr)
+    else:
+        run_dir = create_run_dir(job)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
     tokenizer.save_pretrained(run_dir / "tokenizer")
 
     started = dt.datetime.now(dt.timezone.utc)
     with ray_session(job) as dashboard_url:
         recorder = ProgressRecorder(run_dir, job, dashboard_url)
-        fit(job, pack_arrays(prepared), recorder)
+        fit(job, pack_arrays(prepared), recorder, fingerprint, resume_state)
     finished = dt.datetime.now(dt.timezone.utc)
     write_run_summary(run_dir, job, recorder, prepared.stats, started, finished)
+    if recorder.stopped_at is not None:
+        print(
+            f"stopped at step {recorder.stopped_at}; continue with: swarm train JOB --resume {run_dir}",
+            file=sys.stderr,
+        )
     return run_dir
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after ``step``: a resumed run logs those steps again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 def with_absolute_paths(job: JobConfig) -> JobConfig:
     """The job with local paths made absolute: Ray workers do not run in this folder."""
-    update: dict[str, Any] = {}
+    update: dict[str, Any] = {
+        "data": job.data.model_copy(update={"files": [str(Path(f).expanduser().resolve()) for f in job.data.files]})
+    }
     if is_local_model(job.model.path):
         update["model"] = job.model.model_copy(update={"path": str(Path(job.model.path).expanduser().resolve())})
     if job.offload.nvme_path:
@@ -172,8 +210,12 @@ class ray_session:
         ray.shutdown()
 
 
-def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder) -> None:
-    """Run the Ray Train workers and feed their messages to ``recorder``."""
+def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder, fingerprint: dict, resume_state) -> None:
+    """Run the Ray Train workers and feed their messages to ``recorder``.
+
+    The first Ctrl-C or SIGTERM asks the workers to finish the current step, save a
+    checkpoint and stop; a second one aborts at once.
+    """
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -181,11 +223,18 @@ def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder) -> N
 
     from swarm.train.loop import train_loop_per_worker
 
-    sink = Queue()
+    sink, control = Queue(), Queue()
     use_gpu = cuda_available()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "data": ray.put(arrays), "sink": sink},
+        train_loop_config={
+            "job": job.model_dump(mode="json"),
+            "data": ray.put(arrays),
+            "sink": sink,
+            "control": control,
+            "fingerprint": fingerprint,
+            "resume": ray.put(resume_state) if resume_state is not None else None,
+        },
         scaling_config=ScalingConfig(
             num_workers=job.train.workers,
             use_gpu=use_gpu,
@@ -195,16 +244,30 @@ def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder) -> N
         ),
         # A hung collective should fail in minutes, not after torch's 30-minute default.
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=300),
-        run_config=RunConfig(name="ray", storage_path=str(recorder.run_dir.resolve())),
+        # Ray Train keeps only bookkeeping here; swarm writes checkpoints itself.
+        run_config=RunConfig(name=".ray", storage_path=str(recorder.run_dir.resolve())),
     )
     stop = threading.Event()
     reader = threading.Thread(target=recorder.consume, args=(sink, stop), daemon=True)
     reader.start()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def request_stop(signum, frame):
+        if recorder.stop_requested:
+            raise KeyboardInterrupt
+        recorder.stop_requested = True
+        recorder.note("stopping after this step and saving a checkpoint (press Ctrl-C again to abort)")
+        control.put_nowait("stop")
+
+    for sig in previous:
+        signal.signal(sig, request_stop)
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - unwrap user errors raised inside a worker
         raise user_error_from(exc) or exc
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         stop.set()
         reader.join()
         recorder.close()
@@ -244,6 +307,7 @@ def write_run_summary(run_dir: Path, job: JobConfig, recorder: ProgressRecorder,
             "offload_optimizer": job.offload.optimizer,
         },
         "data": {"format": job.data.format, **vars(stats)},
+        "stopped": recorder.stopped_at is not None,
     }
     tmp = run_dir / "run.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")

@@ -53,8 +53,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker.
 
     Args:
-        cfg: ``job`` (the job as a dict), ``data`` (packed blocks as numpy arrays),
-            ``sink`` (a ``ray.util.queue.Queue`` to the driver).
+        cfg: ``job`` (the job as a dict), ``data`` (ref to the packed blocks as numpy
+            arrays), ``sink`` (a ``ray.util.queue.Queue`` to the driver), ``control`` (a
+            queue the driver puts a stop request in), ``resume`` (ref to a loaded
+            checkpoint, or None) and ``fingerprint`` (what this run trains).
     """
     prepare_process_env()
     import deepspeed
@@ -66,12 +68,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     from swarm.train.ds_config import deepspeed_config, resolve_precision
     from swarm.train.model import load_model, trainable_parameters
+    from swarm.train.sampling import micro_batch_indices
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     job = JobConfig.model_validate(cfg["job"])
     sink = cfg["sink"] if rank == 0 else None
     data = ray.get(cfg["data"])
+    resume = ray.get(cfg["resume"]) if cfg.get("resume") is not None else None
 
     on_gpu = torch.cuda.is_available()
     if on_gpu:
@@ -91,6 +95,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.manual_seed(job.train.seed)
     model, _hf_ds_config = load_model(job, precision, ds_config, device)
     named = trainable_parameters(model)
+    if resume is not None:
+        # Before DeepSpeed wraps them, the LoRA weights are plain tensors on every rank.
+        load_adapter_weights(model, named, resume["adapter"])
     params = [p for _, p in named]
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
@@ -100,19 +107,21 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         config=ds_config,
     )
     del _hf_ds_config
+    start_step, samples_seen = 0, 0
+    if resume is not None:
+        start_step, samples_seen = restore_trainer_state(engine, scheduler, named, resume)
 
     hosts = [None] * world
     dist.all_gather_object(hosts, _host_facts(on_gpu))
     if sink is not None:
         sink.put({
-            "kind": "start", "world_size": world, "precision": precision, "start_step": 0,
+            "kind": "start", "world_size": world, "precision": precision, "start_step": start_step,
             "max_steps": job.train.max_steps, "hosts": hosts,
-            "trainable_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params),
+            "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in params),
         })
 
     train_ids, train_labels, train_mask = data["train_input_ids"], data["train_labels"], data["train_attention_mask"]
     num_blocks, mb, ga = len(train_ids), job.train.micro_batch, job.train.grad_accum
-    from swarm.train.sampling import micro_batch_indices
 
     def batch(indices, ids, labels, mask):
         return {
@@ -121,34 +130,55 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             "attention_mask": torch.as_tensor(mask[indices], dtype=torch.long, device=device),
         }
 
+    def checkpoint(done: int) -> None:
+        state = gather_trainable_state(engine, scheduler, named, done, samples_seen)
+        if sink is not None:
+            state["fingerprint"] = cfg["fingerprint"]
+            state["peft_config"] = model.peft_config["default"]
+            # A blocking put: the driver holds the state before training goes on.
+            sink.put({"kind": "checkpoint", **state})
+
     engine.train()
-    for step in range(job.train.max_steps):
+    control = cfg.get("control")
+    for step in range(start_step, job.train.max_steps):
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         tokens = 0
         for micro in range(ga):
-            idx = micro_batch_indices(step, micro, rank, world, mb, ga, num_blocks, job.data.seed)
+            idx = micro_batch_indices(samples_seen, micro, rank, world, mb, num_blocks, job.data.seed)
             inputs = batch(idx, train_ids, train_labels, train_mask)
             loss = _masked_loss(engine, inputs)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
             tokens += int(inputs["attention_mask"].sum())
-        totals = torch.tensor([loss_sum.item() / ga, tokens], dtype=torch.float64, device=device)
+        samples_seen += mb * ga * world
+        # Rank 0 alone asks the driver whether to stop; the answer rides on the one
+        # all-reduce each step already makes, so every rank stops at the same step.
+        stop = 1.0 if rank == 0 and control is not None and not control.empty() else 0.0
+        totals = torch.tensor([loss_sum.item() / ga, tokens, stop], dtype=torch.float64, device=device)
         dist.all_reduce(totals)
         elapsed = time.perf_counter() - started
         done = step + 1
-        if sink is not None and (done % job.train.log_every == 0 or done == job.train.max_steps):
+        last = done == job.train.max_steps
+        if sink is not None and (done % job.train.log_every == 0 or last):
             sink.put_nowait({
                 "kind": "step", "step": done, "loss": totals[0].item() / world,
                 "lr": scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine),
                 "tokens": int(totals[1].item()), "tokens_per_s": totals[1].item() / elapsed,
                 "step_time_s": elapsed, **_memory_figures(on_gpu),
             })
-        if data["eval_input_ids"] is not None and (done % job.train.eval_every == 0 or done == job.train.max_steps):
+        if data["eval_input_ids"] is not None and (done % job.train.eval_every == 0 or last):
             eval_loss = evaluate(engine, data, job, rank, world, batch)
             if sink is not None:
                 sink.put_nowait({"kind": "eval", "step": done, "eval_loss": eval_loss})
+        stopping = totals[2].item() > 0
+        if stopping or last or done % job.train.checkpoint_every == 0:
+            checkpoint(done)
+        if stopping:
+            if sink is not None:
+                sink.put({"kind": "stopped", "step": done})
+            return
 
     state = gather_adapter(engine, named)
     if sink is not None:
@@ -202,8 +232,102 @@ def gather_adapter(engine, named) -> dict:
     from peft import get_peft_model_state_dict
 
     full = {name: safe_get_full_fp32_param(p).detach().cpu().clone() for name, p in named}
-    # named_parameters() of the engine's module carries peft's prefixes already.
     return get_peft_model_state_dict(engine.module, state_dict=full)
+
+
+# Adam's moments, the only optimizer state swarm can gather whole from ZeRO-3 shards.
+# 8-bit AdamW and Adafactor keep quantized or factored state that does not map onto
+# parameters one to one; their moments restart after a resume (said in the log).
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def gather_trainable_state(engine, scheduler, named, step: int, samples_seen: int) -> dict:
+    """Everything a resume needs, whole and independent of the number of workers.
+
+    Collective: every rank must call it (gathering a ZeRO-3 tensor is an all-gather).
+    """
+    import random
+
+    import numpy as np
+    import torch
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    moments = {}
+    if isinstance(engine.optimizer.optimizer, torch.optim.Adam | torch.optim.AdamW) or _is_ds_adam(engine):
+        for key in MOMENT_KEYS:
+            moments[key] = {
+                name: safe_get_full_optimizer_state(p, key).detach().cpu().clone() for name, p in named
+            }
+    inner_state = engine.optimizer.optimizer.state
+    adam_steps = [s["step"] for s in inner_state.values() if "step" in s]
+    trainer = {
+        "step": step,
+        "samples_seen": samples_seen,
+        "moments": moments,
+        "optimizer_step": int(adam_steps[0]) if adam_steps else 0,
+        "scheduler": scheduler.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
+    }
+    return {
+        "step": step, "samples_seen": samples_seen,
+        "adapter": gather_adapter(engine, named), "trainer": trainer,
+    }
+
+
+def _is_ds_adam(engine) -> bool:
+    return type(engine.optimizer.optimizer).__name__ in {"DeepSpeedCPUAdam", "FusedAdam"}
+
+
+def load_adapter_weights(model, named, adapter: dict) -> None:
+    """Copy checkpointed LoRA weights into the (not yet wrapped) model."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, adapter)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing:
+        raise RuntimeError(f"checkpoint lacks LoRA weights {missing[:3]}")
+
+
+def restore_trainer_state(engine, scheduler, named, resume: dict) -> tuple[int, int]:
+    """Put the fp32 master weights, moments, schedule and RNG back; return the position.
+
+    Collective under ZeRO-3: every rank writes its own partition of each tensor.
+    """
+    import random
+
+    import numpy as np
+    import torch
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from peft import get_peft_model_state_dict
+
+    trainer = resume["trainer"]
+    # Master weights: the peft-named checkpoint tensors, mapped back to parameter names.
+    by_peft_name = get_peft_model_state_dict(engine.module, state_dict={n: p for n, p in named})
+    peft_name_of = {id(p): k for k, p in by_peft_name.items()}
+    for name, p in named:
+        safe_set_full_fp32_param(p, resume["adapter"][peft_name_of[id(p)]].to(torch.float32))
+    for key, tensors in trainer["moments"].items():
+        for name, p in named:
+            if name in tensors:
+                safe_set_full_optimizer_state(p, tensors[name].to(torch.float32), key)
+    for state in engine.optimizer.optimizer.state.values():
+        if "step" in state:
+            state["step"] = trainer["optimizer_step"]
+    scheduler.load_state_dict(trainer["scheduler"])
+    for group, lr in zip(engine.optimizer.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+    rng = trainer["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return trainer["step"], trainer["samples_seen"]
 
 
 def _grad_norm(engine) -> float | None:

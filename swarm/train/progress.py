@@ -30,12 +30,18 @@ class ProgressRecorder:
         self.run_dir = run_dir
         self.job = job
         self.console = Console(stderr=True)
-        self.metrics_file = (run_dir / "metrics.jsonl").open("a")
+        metrics_path = run_dir / "metrics.jsonl"
+        # A resumed run continues the file (trimmed to its checkpoint) and its token count.
+        earlier = [json.loads(line) for line in metrics_path.read_text().splitlines() if line] if metrics_path.exists() else []
+        self.metrics_file = metrics_path.open("a")
         self.start: dict = {}
         self.last_step: dict = {}
         self.last_eval: float | None = None
-        self.total_tokens = 0
+        self.total_tokens = sum(m.get("tokens", 0) for m in earlier)
         self.adapter_written = False
+        self.stop_requested = False
+        self.stopped_at: int | None = None
+        self.checkpoints: list[Path] = []
         self._last_plain = 0.0
         self._progress: Progress | None = None
         self._task = None
@@ -92,11 +98,28 @@ class ProgressRecorder:
         self.last_eval = message["eval_loss"]
         self._write_metrics(message)
 
+    def _on_checkpoint(self, message: dict) -> None:
+        from swarm.train.checkpoint import write_checkpoint
+
+        folder = write_checkpoint(self.run_dir / "checkpoints", message, self.job.train.keep_checkpoints)
+        self.checkpoints.append(folder)
+        self.note(f"checkpoint: {folder}")
+
+    def _on_stopped(self, message: dict) -> None:
+        self.stopped_at = message["step"]
+
     def _on_adapter(self, message: dict) -> None:
         write_adapter(self.run_dir / "adapter", message["peft_config"], message["state_dict"])
         self.adapter_written = True
 
     # -- output -----------------------------------------------------------------------
+
+    def note(self, line: str) -> None:
+        """A line above the progress bar (or on stderr without a terminal)."""
+        if self._progress is not None:
+            self._progress.console.print(line, soft_wrap=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def _write_metrics(self, record: dict) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")

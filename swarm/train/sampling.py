@@ -1,10 +1,10 @@
 """Which packed blocks each worker trains on at each step.
 
 The order is a property of the job, not of the workers: blocks are visited in a seeded
-permutation per epoch, and the global batch of optimizer step ``s`` is the slice
-``[s * G, (s + 1) * G)`` of that endless sequence, with ``G`` = micro-batch x accumulation
-x workers. The data position is therefore just the step, and a run resumed with another
-number of workers neither repeats nor skips a block.
+permutation per epoch, and each optimizer step takes the next ``G`` positions of that
+endless sequence (``G`` = micro-batch x accumulation x workers). The data position is the
+number of samples seen, so a run resumed with another number of workers neither repeats
+nor skips a block.
 """
 
 from __future__ import annotations
@@ -21,23 +21,21 @@ def epoch_order(num_blocks: int, epoch: int, seed: int) -> np.ndarray:
 
 
 def micro_batch_indices(
-    step: int, micro: int, rank: int, world_size: int, micro_batch: int, grad_accum: int,
+    samples_seen: int, micro: int, rank: int, world_size: int, micro_batch: int,
     num_blocks: int, seed: int,
 ) -> list[int]:
     """Block indices for one micro-batch of one worker.
 
     Args:
-        step: Optimizer step (0-based).
+        samples_seen: Samples consumed by all previous optimizer steps (the data position).
         micro: Micro-step within the accumulation window (0-based).
         rank: This worker's rank.
         world_size: Number of workers.
         micro_batch: Blocks per micro-batch per worker.
-        grad_accum: Micro-steps per optimizer step.
         num_blocks: Blocks in the training set.
         seed: Data seed.
     """
-    per_step = micro_batch * grad_accum * world_size
-    first = step * per_step + (micro * world_size + rank) * micro_batch
+    first = samples_seen + (micro * world_size + rank) * micro_batch
     indices = []
     for position in range(first, first + micro_batch):
         epoch, offset = divmod(position, num_blocks)

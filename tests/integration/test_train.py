@@ -1,0 +1,232 @@
+"""``swarm train`` end to end on CPU: real bitsandbytes 4-bit, peft LoRA, gradient
+checkpointing, DeepSpeed ZeRO-3 with CPU and NVMe offload, Ray Train, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from trainkit import adapter_tensors, losses, run_dir_of, swarm, write_job
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models, tmp_path_factory):
+    """One uninterrupted 16-step run of the full path, shared by several tests."""
+    folder = tmp_path_factory.mktemp("reference")
+    job = write_job(folder, tiny_models("llama"))
+    result = swarm("train", str(job), cwd=folder)
+    return job, run_dir_of(result), result
+
+
+def falls_by_a_third(run_dir: Path) -> bool:
+    by_step = losses(run_dir)
+    steps = sorted(by_step)
+    first = sum(by_step[s] for s in steps[:2]) / 2
+    last = sum(by_step[s] for s in steps[-2:]) / 2
+    return last < first * 2 / 3
+
+
+def test_full_path_trains_and_records_the_run(reference):
+    job, run_dir, result = reference
+    assert falls_by_a_third(run_dir), losses(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 17))
+    assert all(r["tokens_per_s"] > 0 for r in steps)
+    assert any("eval_loss" in r for r in rows)
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["steps"] == 16 and summary["world_size"] == 1 and summary["precision"] == "fp32"
+    assert summary["strategy"] == {"name": "zero3", "zero_stage": 3, "offload_params": "cpu", "offload_optimizer": "cpu"}
+    assert summary["tokens"] == sum(r["tokens"] for r in steps)
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["train"]["max_steps"] == 16
+    assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    # Checkpoints every 4 steps, the newest 3 kept; the last holds the final adapter.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step-00000008", "step-00000012", "step-00000016"
+    ]
+    final, ckpt = adapter_tensors(run_dir / "adapter"), adapter_tensors(run_dir / "checkpoints" / "step-00000016" / "adapter")
+    assert final.keys() == ckpt.keys() and all(torch.equal(final[k], ckpt[k]) for k in final)
+
+
+def test_saved_adapter_reproduces_the_trained_models_outputs(reference, tiny_models):
+    """The adapter, reloaded with plain transformers + peft, gives the eval loss (a function
+    of every logit) that the trained model reported at its last step."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from swarm.config import load_job
+    from swarm.train.data import prepare_data
+
+    job_path, run_dir, _ = reference
+    job = load_job(job_path)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    eval_blocks = prepare_data(job.data, tokenizer).eval
+    assert eval_blocks
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_models("llama"), quantization_config=quant, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for block in eval_blocks:
+            inputs = {k: torch.tensor([v]) for k, v in block.items()}
+            n = int((inputs["labels"][:, 1:] != -100).sum())
+            total += model(**inputs).loss.item() * n
+            count += n
+    reported = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [r["eval_loss"] for r in reported if "eval_loss" in r][-1]
+    assert total / count == pytest.approx(last_eval, rel=1e-4)
+
+
+def test_stop_and_resume_gives_the_same_run(reference, tmp_path):
+    """SIGTERM mid-run saves a checkpoint and stops; --resume then continues so that every
+    step's loss and the final adapter match the uninterrupted run."""
+    ref_job, ref_dir, _ = reference
+    job = tmp_path / "job.yaml"
+    config = yaml.safe_load(ref_job.read_text())
+    config["output"]["dir"] = str(tmp_path / "runs")
+    job.write_text(yaml.safe_dump(config))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swarm", "train", str(job)], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = None
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((tmp_path / "runs").glob("*/metrics.jsonl"))
+        if found and len(losses(found[0].parent)) >= 5:
+            metrics = found[0]
+            break
+        time.sleep(0.2)
+    assert metrics is not None, "the run never reached step 5"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    run_dir = Path(out.strip().splitlines()[-1].removeprefix("run: "))
+    stopped_at = json.loads((run_dir / "run.json").read_text())["steps"]
+    assert 5 <= stopped_at < 16 and "--resume" in err
+    assert json.loads((run_dir / "run.json").read_text())["stopped"] is True
+
+    resumed = swarm("train", str(job), "--resume", cwd=tmp_path)
+    assert run_dir_of(resumed) == run_dir
+    assert f"from step {stopped_at}" in resumed.stderr
+    expected, got = losses(ref_dir), losses(run_dir)
+    assert sorted(got) == list(range(1, 17))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
+    a, b = adapter_tensors(ref_dir / "adapter"), adapter_tensors(run_dir / "adapter")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_checkpoints_move_between_worker_counts(reference, tmp_path):
+    """A checkpoint written by one worker resumes with two, and one written by two
+    workers resumes with one."""
+    _, ref_dir, _ = reference
+    job_path, _, _ = reference
+    copy = tmp_path / "runs" / ref_dir.name
+    shutil.copytree(ref_dir, copy)
+    two = swarm(
+        "train", str(job_path), "--resume", str(copy / "checkpoints" / "step-00000012"),
+        "--set", "train.workers=2", "--set", "train.max_steps=14", cwd=tmp_path,
+    )
+    assert run_dir_of(two) == copy
+    assert "from step 12" in two.stderr and "2 worker(s)" in two.stderr
+    after_two = losses(copy)
+    assert sorted(after_two)[-2:] == [13, 14]
+    assert after_two[14] < losses(ref_dir)[1] * 2 / 3  # still the trained adapter, not a fresh one
+
+    one = swarm(
+        "train", str(job_path), "--resume", str(copy / "checkpoints" / "step-00000014"),
+        "--set", "train.workers=1", "--set", "train.max_steps=16", cwd=tmp_path,
+    )
+    assert "from step 14" in one.stderr and "1 worker(s)" in one.stderr
+    assert sorted(losses(run_dir_of(one)))[-2:] == [15, 16]
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_models, tmp_path):
+    job = write_job(tmp_path, tiny_models("llama"), train={"max_steps": 10, "checkpoint_every": 4})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swarm", "train", str(job)], cwd=tmp_path, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "SWARM_TEST_CHECKPOINT_PAUSE_STEP": "8"},
+    )
+    try:
+        deadline = time.monotonic() + 400
+        partial = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            partial = next((tmp_path / "runs").glob("*/checkpoints/.step-00000008.tmp/trainer_state.pt"), None)
+            if partial:
+                break
+            time.sleep(0.2)
+        assert partial, "the checkpoint at step 8 was never being written"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    run_dir = partial.parents[2]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-00000004"]
+
+    resumed = swarm("train", str(job), "--resume", cwd=tmp_path)
+    assert run_dir_of(resumed) == run_dir
+    assert "from step 4" in resumed.stderr
+    assert sorted(losses(run_dir)) == list(range(1, 11))
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+
+
+def test_corrupt_checkpoint_is_reported_and_skipped(reference, tmp_path):
+    job_path, ref_dir, _ = reference
+    copy = tmp_path / "runs" / ref_dir.name
+    shutil.copytree(ref_dir, copy)
+    newest = copy / "checkpoints" / "step-00000016" / "trainer_state.pt"
+    newest.write_bytes(newest.read_bytes()[:-10] + b"0123456789")
+    result = swarm("train", str(job_path), "--resume", str(copy), "--set", "train.max_steps=13", cwd=tmp_path)
+    assert run_dir_of(result) == copy
+    assert "skipping checkpoint" in result.stderr and "does not match its checksum" in result.stderr
+    assert "from step 12" in result.stderr
+
+
+def test_resume_refuses_a_changed_adapter_shape(reference, tmp_path):
+    job_path, ref_dir, _ = reference
+    copy = tmp_path / "runs" / ref_dir.name
+    shutil.copytree(ref_dir, copy)
+    result = swarm("train", str(job_path), "--resume", str(copy), "--set", "lora.r=8", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot resume from")
+    assert "lora.r changed from 16 to 8" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_nvme_offload_trains(tiny_models, tmp_path):
+    job = write_job(
+        tmp_path, tiny_models("llama"),
+        offload={"params": "nvme", "optimizer": "nvme", "nvme_path": str(tmp_path / "nvme")},
+        train={"checkpoint_every": 100},
+    )
+    run_dir = run_dir_of(swarm("train", str(job), cwd=tmp_path))
+    assert falls_by_a_third(run_dir), losses(run_dir)
+    assert json.loads((run_dir / "run.json").read_text())["strategy"]["offload_params"] == "nvme"
+    # DeepSpeed swapped real tensors through the folder.
+    assert any((tmp_path / "nvme").rglob("*.swp")) or any((tmp_path / "nvme").iterdir())
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_architectures_train(tiny_models, tmp_path, arch):
+    job = write_job(tmp_path, tiny_models(arch), offload={"params": "none", "optimizer": "cpu"},
+                    train={"checkpoint_every": 100})
+    run_dir = run_dir_of(swarm("train", str(job), cwd=tmp_path))
+    assert falls_by_a_third(run_dir), losses(run_dir)
+    assert math.isfinite(json.loads((run_dir / "run.json").read_text())["train_loss"])

@@ -1,0 +1,64 @@
+"""Helpers for tests that run ``swarm train`` for real: tiny models, jobs, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_TEXT = REPO / "configs" / "data" / "demo.txt"
+
+
+def write_job(folder: Path, model: Path, **sections) -> Path:
+    """A job file like the demo's (QLoRA, ZeRO-3, CPU offload), with section overrides."""
+    job = {
+        "model": {"path": str(model)},
+        "quantization": {"bits": 4},
+        "lora": {"r": 16, "alpha": 32},
+        "data": {"files": [str(DEMO_TEXT)], "format": "text", "seq_len": 64, "eval_fraction": 0.1},
+        "train": {
+            "max_steps": 16, "micro_batch": 2, "grad_accum": 2, "lr": 5e-3, "warmup_steps": 2,
+            "log_every": 1, "eval_every": 8, "checkpoint_every": 4,
+        },
+        "offload": {"params": "cpu", "optimizer": "cpu"},
+        "output": {"dir": str(folder / "runs")},
+        "ray": {"dashboard": False, "object_store_mb": 128},
+    }
+    for section, values in sections.items():
+        job.setdefault(section, {}).update(values)
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def swarm(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the ``swarm`` CLI in a fresh process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "swarm", *args],
+        cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def run_dir_of(result: subprocess.CompletedProcess) -> Path:
+    """The run folder from the last line of ``swarm train`` (``run: PATH``)."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("run: "), result.stdout
+    return Path(last.removeprefix("run: "))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss per step from metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
