@@ -1,0 +1,425 @@
+"""Memory of one training worker and one node, term by term, for each strategy.
+
+Every figure is a named :class:`Term` so that a plan can show what dominates and which term
+breaks a node. Terms belong to a phase: ``load`` (reading the checkpoint), ``train`` (steps)
+or ``always``; a peak is the larger of the two phases. They also have a scope: ``worker``
+(inside one training process, comparable with its RSS or torch's peak allocated memory) or
+``node`` (shared daemons: Ray, the object store, the operating system).
+
+Sources of the formulas:
+
+- Model states: Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion
+  Parameter Models" (arXiv:1910.02054) §3.1 (2 + 2 + 12 bytes per trainable parameter for
+  mixed-precision Adam) and DeepSpeed's ``estimate_zero3_model_states_mem_needs``
+  (deepspeed/runtime/zero/stage3.py: 18 bytes per parameter including the fp32 gradient
+  partition). Here those bytes apply to the LoRA parameters only; the base is frozen.
+- 4-bit storage: Dettmers et al., "QLoRA" (arXiv:2305.14314) §3: NF4 codes take 4 bits; one
+  fp32 absmax per 64-weight block is 0.5 bit per weight, and double quantization stores it as
+  8 bits plus one fp32 constant per 256 blocks, 8/64 + 32/(64*256) = 0.127 bit per weight.
+- Activations: Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
+  Models" (arXiv:2205.05198) §4.1 count the tensors autograd keeps per layer, sbh(34 + 5as/h)
+  for GPT-3 blocks. The same count is redone below for Llama-style blocks as transformers
+  writes them (RMSNorm saving an fp32 copy, SwiGLU, grouped-query attention through SDPA's
+  memory-efficient kernel, no dropout) and for the logits and loss, which dominate with
+  vocabularies of 128k-256k tokens.
+- DeepSpeed buffers: the ZeRO-3 config reference (stage3_prefetch_bucket_size,
+  stage3_max_live_parameters, stage3_param_persistence_threshold, reduce_bucket_size) and
+  deepspeed/runtime/zero/stage3.py, which allocates the reduce bucket eagerly at full size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from swarm.plan.shapes import ModelShape
+
+GiB = 1024**3
+PLACES = ("gpu", "ram", "nvme")
+OFFLOAD_TARGETS = ("none", "cpu", "nvme")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How the work is spread: ZeRO stage (0 means a replicated base with data parallel)
+    and where ZeRO-3 keeps the parameter partitions and the optimizer state."""
+
+    zero_stage: int
+    offload_params: str = "none"
+    offload_optimizer: str = "none"
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 2 or 3, not {self.zero_stage}")
+        if self.offload_params not in OFFLOAD_TARGETS or self.offload_optimizer not in OFFLOAD_TARGETS:
+            raise ValueError("offload targets are none, cpu or nvme")
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise ValueError("parameter offload needs ZeRO stage 3")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("optimizer offload needs ZeRO stage 2 or 3")
+
+    @property
+    def name(self) -> str:
+        if self.zero_stage == 0:
+            return "replicate"
+        name = f"zero{self.zero_stage}"
+        if self.offload_params != "none":
+            name += f"-params-{self.offload_params}"
+        if self.offload_optimizer != "none":
+            name += f"-opt-{self.offload_optimizer}"
+        return name
+
+    @property
+    def label(self) -> str:
+        if self.zero_stage == 0:
+            return "replicated base, data parallel"
+        where = {"cpu": "CPU RAM", "nvme": "NVMe"}
+        parts = [f"ZeRO-{self.zero_stage}"]
+        if self.offload_params != "none":
+            parts.append(f"parameters in {where[self.offload_params]}")
+        if self.offload_optimizer != "none":
+            parts.append(f"optimizer in {where[self.offload_optimizer]}")
+        return ", ".join(parts)
+
+    @property
+    def uses_nvme(self) -> bool:
+        return "nvme" in (self.offload_params, self.offload_optimizer)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "zero_stage": self.zero_stage, "offload_params": self.offload_params,
+                "offload_optimizer": self.offload_optimizer, "label": self.label}
+
+
+# The strategies the planner tries, fastest first when they fit equally. For QLoRA the
+# optimizer state covers only the adapters, so the NVMe choices matter for the parameters.
+STRATEGIES = (
+    Strategy(0),
+    Strategy(2),
+    Strategy(3),
+    Strategy(3, "none", "cpu"),
+    Strategy(3, "cpu", "none"),
+    Strategy(3, "cpu", "cpu"),
+    Strategy(3, "nvme", "cpu"),
+    Strategy(3, "nvme", "nvme"),
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one worker computes, read from the job (see ``swarm.plan.decide.workload_from_job``)."""
+
+    seq_len: int
+    micro_batch: int
+    gradient_checkpointing: bool = True
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] | str = "all-linear"
+    bits: int | None = 4
+    double_quant: bool = True
+    optimizer: str = "adamw"
+    compute_bytes: int = 2  # bf16/fp16; 4 for fp32
+    eager_attention: bool = False
+    object_store_bytes: int = 512 * 1024**2
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """Fixed costs, kept in one place so that calibration against measured peaks can set them."""
+
+    cuda_context: int = int(0.6 * GiB)  # context, cuBLAS workspace, kernels; outside torch's allocator
+    allocator_slack: float = 0.07  # fragmentation of the caching allocator, share of allocations
+    gpu_worker_process: int = int(2.0 * GiB)  # host RSS of a CUDA worker: python, torch, CUDA libraries
+    cpu_worker_process: int = int(1.0 * GiB)  # host RSS of a CPU worker before the model
+    ray_node: int = int(0.3 * GiB)  # raylet and dashboard agent on every node
+    ray_head: int = int(1.0 * GiB)  # GCS, dashboard and the swarm driver on the first node
+    os_and_desktop: int = int(2.0 * GiB)
+    shard_bytes: int = 5 * 10**9  # transformers' default max_shard_size
+    ram_limit_fraction: float = 0.95  # Ray's memory monitor kills workers above this share
+
+
+OVERHEADS = Overheads()
+
+
+@dataclass(frozen=True)
+class ZeroKnobs:
+    """DeepSpeed buffer sizes (in elements) the plan assumes and the DeepSpeed config must use."""
+
+    reduce_bucket_size: int
+    param_buffer_size: int
+    # The same values as swarm.train.ds_config: DeepSpeed's 5e8-1e9 defaults suit datacenter cards.
+    prefetch_bucket_size: int = 50_000_000
+    max_live_parameters: int = 100_000_000
+    max_reuse_distance: int = 100_000_000
+    param_persistence_threshold: int = 100_000
+    sub_group_size: int = 100_000_000
+    param_buffer_count: int = 5
+    optimizer_buffer_count: int = 4
+
+
+@dataclass(frozen=True)
+class Term:
+    """One named memory figure of a worker or a node."""
+
+    name: str
+    where: str  # gpu, ram or nvme
+    bytes: int
+    phase: str = "always"  # always, load or train
+    scope: str = "worker"  # worker or node
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "where": self.where, "bytes": self.bytes, "phase": self.phase, "scope": self.scope}
+
+
+def quant_constant_bytes(quantized: int, double_quant: bool) -> int:
+    """Bytes of bitsandbytes' 4-bit block constants for ``quantized`` weights (blocksize 64)."""
+    blocks = math.ceil(quantized / 64)
+    if not double_quant:
+        return blocks * 4  # one fp32 absmax per block
+    return blocks + math.ceil(blocks / 256) * 4 + 4  # 8-bit absmax, fp32 per 256 blocks, offset
+
+
+def optimizer_bytes_per_param(optimizer: str, compute_bytes: int) -> int:
+    """Optimizer-side bytes per trainable parameter: fp32 master and gradient, plus moments.
+
+    AdamW keeps two fp32 moments (8 bytes), bitsandbytes' 8-bit AdamW two 8-bit ones, and
+    Adafactor a factored second moment of negligible size. Under fp32 training the weights
+    are their own master copy.
+    """
+    moments = {"adamw": 8, "adamw_8bit": 2, "adafactor": 0}[optimizer]
+    master_and_grad = 8 if compute_bytes < 4 else 4
+    return master_and_grad + moments
+
+
+def choose_knobs(shape: ModelShape, work: Workload, world: int) -> ZeroKnobs:
+    """DeepSpeed buffer sizes that suit a QLoRA job.
+
+    The reduce bucket is allocated at full size, so it is capped at the trainable parameter
+    count (DeepSpeed's 5e8 default would cost 1 GB for a few million LoRA elements). An NVMe
+    parameter buffer must hold the largest partition (DeepSpeed asserts it does).
+    """
+    lora = shape.lora_params(work.lora_targets, work.lora_r)
+    largest = max(_storage_numel(g.weight_numel, g.quantizable and work.bits == 4, work.compute_bytes)
+                  for g in shape.groups)
+    return ZeroKnobs(
+        reduce_bucket_size=max(1, min(50_000_000, lora)),
+        param_buffer_size=max(100_000_000, math.ceil(largest / world)),
+    )
+
+
+def worker_terms(shape: ModelShape, work: Workload, strategy: Strategy, world: int,
+                 knobs: ZeroKnobs, device: str = "gpu", overheads: Overheads = OVERHEADS) -> list[Term]:
+    """Memory of one training worker.
+
+    Args:
+        shape: the model.
+        work: sequence length, micro-batch, LoRA and quantization settings.
+        strategy: ZeRO stage and offload targets.
+        world: number of workers across all nodes (ZeRO partitions over all of them).
+        knobs: DeepSpeed buffer sizes.
+        device: ``gpu`` or ``cpu``; on a CPU worker every device term lives in RAM.
+        overheads: fixed costs.
+
+    Returns:
+        Terms of this worker; ``where`` says which memory each one uses.
+    """
+    d = work.compute_bytes
+    dev = "gpu" if device == "gpu" else "ram"
+    quantized = shape.quantizable_params if work.bits == 4 else 0
+    lora = shape.lora_params(work.lora_targets, work.lora_r)
+    terms: list[Term] = []
+
+    def add(name, where, nbytes, phase="always"):
+        if nbytes > 0:
+            terms.append(Term(name, where, int(nbytes), phase))
+
+    # Frozen base and adapter weights.
+    if strategy.zero_stage < 3:
+        add("4-bit base weights", dev, quantized // 2)
+        add("16-bit weights (embeddings, head, norms)", dev, (shape.total_params - quantized) * d)
+        add("LoRA weights", dev, lora * d)
+    else:
+        persistent, partitioned, largest_module = zero3_elements(shape, work, knobs)
+        part_bytes = math.ceil(partitioned / world) * d
+        add("ZeRO-3 small persistent params", dev, persistent * d)
+        if strategy.offload_params == "none":
+            add("ZeRO-3 parameter partition", dev, part_bytes)
+        elif strategy.offload_params == "cpu":
+            add("offloaded parameter partition (pinned)", "ram", part_bytes)
+        else:
+            add("parameter partition on NVMe", "nvme", part_bytes)
+            add("NVMe parameter swap buffers (pinned)", "ram", knobs.param_buffer_count * knobs.param_buffer_size * d)
+        # Gathered for compute: the module running now, plus what is prefetched for the next
+        # ones or kept for reuse (both bounded by max_live_parameters).
+        ahead = knobs.prefetch_bucket_size + knobs.max_reuse_distance
+        live = largest_module + min(ahead, knobs.max_live_parameters)
+        add("ZeRO-3 gathered params (live + prefetch)", dev, min(live, partitioned) * d, "train")
+    # The absmax constants are attributes of the weight (its quant_state), not parameters, so
+    # ZeRO neither partitions nor offloads them: every worker holds all of them.
+    add("4-bit quantization constants", dev, quant_constant_bytes(quantized, work.double_quant))
+    if quantized:
+        # bitsandbytes dequantizes one weight at a time to 16-bit for the matmul.
+        add("4-bit dequantize buffer", dev, shape.largest_quantizable_numel * d, "train")
+
+    # Trainable state: gradients and optimizer (LoRA parameters only).
+    per_param = optimizer_bytes_per_param(work.optimizer, d)
+    if strategy.zero_stage == 0:
+        add("LoRA gradients", dev, lora * d, "train")
+        add("optimizer state (master, moments, fp32 grads)", dev, lora * per_param, "train")
+    else:
+        share = math.ceil(lora / world)
+        # DeepSpeed allocates the bucket at full size; on a CPU only the pages written (at
+        # most the trainable count) become resident.
+        bucket = knobs.reduce_bucket_size if device == "gpu" else min(knobs.reduce_bucket_size, lora)
+        add("gradient reduce bucket", dev, bucket * d, "train")
+        if strategy.offload_optimizer == "none":
+            add("optimizer state partition", dev, share * per_param, "train")
+        elif strategy.offload_optimizer == "cpu":
+            add("offloaded optimizer state (CPU Adam)", "ram", share * per_param, "train")
+        else:
+            group = min(share, knobs.sub_group_size)
+            add("optimizer state on NVMe", "nvme", share * (per_param - 4), "train")
+            add("fp32 gradient partition", "ram", share * 4, "train")
+            add("NVMe optimizer swap buffers (pinned)", "ram", knobs.optimizer_buffer_count * group * 4, "train")
+            add("CPU Adam working sub-group", "ram", group * (per_param - 4), "train")
+
+    for name, nbytes in activation_terms(shape, work):
+        add(name, dev, nbytes, "train")
+
+    # Loading: transformers reads one checkpoint shard at a time and quantizes tensor by tensor.
+    largest_tensor = max(g.weight_numel for g in shape.groups)
+    add("loading: one tensor in 16-bit", dev, largest_tensor * shape.checkpoint_dtype_bytes, "load")
+    add("loading: checkpoint shard in memory", "ram",
+        min(overheads.shard_bytes, shape.total_params * shape.checkpoint_dtype_bytes), "load")
+
+    if device == "gpu":
+        allocated = sum(t.bytes for t in terms if t.where == "gpu" and t.phase != "load")
+        add("CUDA allocator slack", "gpu", allocated * overheads.allocator_slack, "train")
+        add("CUDA context", "gpu", overheads.cuda_context)
+        add("worker process (python, torch, CUDA)", "ram", overheads.gpu_worker_process)
+    else:
+        allocated = sum(t.bytes for t in terms if t.where == "ram" and t.phase != "load")
+        add("allocator slack", "ram", allocated * overheads.allocator_slack, "train")
+        add("worker process (python, torch)", "ram", overheads.cpu_worker_process)
+    return terms
+
+
+def node_terms(work: Workload, is_head: bool, overheads: Overheads = OVERHEADS) -> list[Term]:
+    """Memory shared by the workers of one node: Ray, its object store, the operating system."""
+    terms = [
+        Term("operating system and desktop", "ram", overheads.os_and_desktop, scope="node"),
+        Term("Ray object store", "ram", work.object_store_bytes, scope="node"),
+        Term("Ray daemons (raylet, agent)", "ram", overheads.ray_node, scope="node"),
+    ]
+    if is_head:
+        terms.append(Term("Ray head and swarm driver", "ram", overheads.ray_head, scope="node"))
+    return terms
+
+
+def activation_terms(shape: ModelShape, work: Workload) -> list[tuple[str, int]]:
+    """Activation memory of one micro-batch at its peak, as (name, bytes) pairs.
+
+    With gradient checkpointing each decoder layer keeps only its input; the backward pass
+    then holds one recomputed layer at a time, and before that the logits and the loss. The
+    two do not coexist, so the larger is the peak. Without checkpointing every layer keeps
+    all it saved for backward while the loss is computed.
+    """
+    tokens = work.seq_len * work.micro_batch
+    d = work.compute_bytes
+    h = shape.hidden_size
+    per_layer = layer_activation_bytes(shape, work) * tokens
+    logits = logits_peak_bytes(shape, work) * tokens
+    if work.gradient_checkpointing:
+        checkpoints = shape.num_layers * d * h * tokens
+        recompute = per_layer + 3 * d * h * tokens  # plus the gradients flowing through it
+        if logits >= recompute:
+            return [("activations: layer checkpoints", checkpoints), ("activations: logits and loss", logits)]
+        return [("activations: layer checkpoints", checkpoints), ("activations: one layer recomputed", recompute)]
+    return [("activations: all layers", shape.num_layers * per_layer), ("activations: logits and loss", logits)]
+
+
+def layer_activation_bytes(shape: ModelShape, work: Workload) -> int:
+    """Bytes per token that one decoder layer saves for backward (see the module docstring).
+
+    Counted tensor by tensor for a Llama-style block in transformers: each RMSNorm saves its
+    input upcast to fp32 (4h); the attention input (h) is saved once, shared by the frozen
+    4-bit matmul and LoRA's A; SDPA keeps q, k, v and its output; o_proj keeps a contiguous
+    copy of that output; the MLP input (h); SwiGLU keeps gate, act(gate), up and their
+    product (4i). Eager attention (or Gemma 2's soft-capped logits, which need it) also
+    keeps the fp32 softmax and its 16-bit copy per head and key position.
+    """
+    d = work.compute_bytes
+    h, i = shape.hidden_size, shape.intermediate_size
+    h_q = shape.num_heads * shape.head_dim
+    h_kv = shape.num_kv_heads * shape.head_dim
+    norms = 4 if shape.model_type.startswith("gemma2") else 2  # Gemma 2 adds post-norms
+    eager = work.eager_attention or shape.attention_softcapping
+    # SDPA's GQA path needs no mask; a mask (sliding window) or eager attention expands k, v.
+    kv_saved = 2 * h_q if eager else 2 * h_kv
+    per_token = (
+        norms * 4 * h
+        + d * h  # attention input
+        + d * (h_q + kv_saved)  # q, k, v after rotary embedding
+        + 2 * d * h_q  # attention output and o_proj's contiguous input
+        + d * h  # MLP input
+        + 4 * d * i  # gate, act(gate), up, product
+        + 7 * work.lora_r * d  # LoRA A outputs
+    )
+    if eager:
+        per_token += shape.num_heads * work.seq_len * (4 + d)
+    return per_token
+
+
+def logits_peak_bytes(shape: ModelShape, work: Workload) -> int:
+    """Bytes per token of the logits and the loss at the start of backward.
+
+    The model output keeps the logits (d bytes per vocabulary entry); the loss upcasts them
+    to fp32 and log_softmax keeps its fp32 output; backward then adds the fp32 gradient of
+    that output and of its input: d + 12 bytes per entry. Soft-capping keeps two more copies.
+    """
+    d = work.compute_bytes
+    per_entry = d + 12 + (2 * d if shape.attention_softcapping else 0)
+    return shape.vocab_size * per_entry + (4 + d) * shape.hidden_size  # plus final norm and head input
+
+
+def peak(terms: list[Term], where: str) -> int:
+    """The larger of the loading and the training phase for one memory."""
+    return max(sum(t.bytes for t in terms if t.where == where and t.phase in ("always", phase))
+               for phase in ("load", "train"))
+
+
+def peak_terms(terms: list[Term], where: str) -> list[Term]:
+    """The terms of the phase that gives ``where`` its peak, largest first."""
+    phases = {ph: [t for t in terms if t.where == where and t.phase in ("always", ph)] for ph in ("load", "train")}
+    worst = max(phases.values(), key=lambda ts: sum(t.bytes for t in ts))
+    return sorted(worst, key=lambda t: -t.bytes)
+
+
+def _storage_numel(numel: int, quantized: bool, d: int) -> int:
+    # A 4-bit weight is stored packed in a d-byte dtype (bnb_4bit_quant_storage) so that
+    # ZeRO-3 can partition it: numel/2 bytes, numel/(2d) elements.
+    return math.ceil(numel / (2 * d)) if quantized else numel
+
+
+def zero3_elements(shape: ModelShape, work: Workload, knobs: ZeroKnobs) -> tuple[int, int, int]:
+    """(persistent, partitioned, largest gathered module) in storage elements under ZeRO-3.
+
+    DeepSpeed keeps every parameter with at most ``param_persistence_threshold`` elements
+    whole on every worker (norms, biases, most LoRA A matrices) and partitions the rest.
+    """
+    d = work.compute_bytes
+    threshold = knobs.param_persistence_threshold
+    persistent = partitioned = largest = 0
+    params: list[tuple[int, int]] = []
+    for g in shape.groups:
+        weight = _storage_numel(g.weight_numel, g.quantizable and work.bits == 4, d)
+        params += [(weight, g.count), (g.other_numel, g.count)]
+        module = sum(n for n in (weight, g.other_numel) if n > threshold)
+        largest = max(largest, module)
+    params += shape.lora_numels(work.lora_targets, work.lora_r)
+    for numel, count in params:
+        if numel == 0:
+            continue
+        if numel <= threshold:
+            persistent += numel * count
+        else:
+            partitioned += numel * count
+    return persistent, partitioned, largest
