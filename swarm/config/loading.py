@@ -29,6 +29,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as exc:
             raise UserError(f"--set {key}: value {text!r} is not valid YAML ({_first_line(exc)})") from None
+        value = _yaml_1_2_number(value)
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -38,6 +39,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = child
         node[parts[-1]] = value
     return raw
+
+
+def _yaml_1_2_number(value: Any) -> Any:
+    """PyYAML follows YAML 1.1, where ``1e-4`` is a string; users mean a number."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            return value
+    return value
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:

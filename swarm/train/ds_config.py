@@ -21,9 +21,10 @@ REDUCE_BUCKET_ELEMENTS = 50_000_000
 # gathering them costs more latency than the memory they would save.
 PERSISTENCE_THRESHOLD = 100_000
 SUB_GROUP_ELEMENTS = 100_000_000
+NVME_PARAM_BUFFER_ELEMENTS = 100_000_000  # DeepSpeed's default; raised for bigger params
 
 
-def deepspeed_config(job: JobConfig, precision: str, on_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(job: JobConfig, precision: str, on_gpu: bool, largest_param: int = 0) -> dict[str, Any]:
     """Build the DeepSpeed config dict for ``job`` trained in ``precision``.
 
     ``train_batch_size`` is left out on purpose: under Ray Train DeepSpeed would check it
@@ -34,6 +35,9 @@ def deepspeed_config(job: JobConfig, precision: str, on_gpu: bool) -> dict[str, 
         precision: "bf16", "fp16" or "fp32", as resolved by ``resolve_precision``.
         on_gpu: Whether the worker trains on a GPU; offload buffers are pinned only then
             (pinned host memory speeds up PCIe copies and means nothing on a CPU).
+        largest_param: Elements of the model's largest parameter, once it is loaded. An
+            NVMe swap buffer must hold a whole parameter (a 70B model's embedding has a
+            billion elements), so parameter offload to NVMe sizes its buffers by it.
 
     Returns:
         A dict to pass as ``config`` to ``deepspeed.initialize``.
@@ -53,9 +57,9 @@ def deepspeed_config(job: JobConfig, precision: str, on_gpu: bool) -> dict[str, 
         "stage3_gather_16bit_weights_on_model_save": False,
     }
     if offload.params != "none":
-        zero["offload_param"] = _offload_target(offload.params, offload.nvme_path, "params", on_gpu)
+        zero["offload_param"] = _offload_target(offload.params, offload.nvme_path, "params", on_gpu, largest_param)
     if offload.optimizer != "none":
-        zero["offload_optimizer"] = _offload_target(offload.optimizer, offload.nvme_path, "optimizer", on_gpu)
+        zero["offload_optimizer"] = _offload_target(offload.optimizer, offload.nvme_path, "optimizer", on_gpu, 0)
 
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch,
@@ -96,12 +100,14 @@ def deepspeed_config(job: JobConfig, precision: str, on_gpu: bool) -> dict[str, 
     return config
 
 
-def _offload_target(device: str, nvme_path: str | None, what: str, pin: bool) -> dict[str, Any]:
+def _offload_target(device: str, nvme_path: str | None, what: str, pin: bool, largest_param: int) -> dict[str, Any]:
     target: dict[str, Any] = {"device": device, "pin_memory": pin}
     if device == "nvme":
         target["nvme_path"] = nvme_path
         # Buffers for swapping in and out of NVMe; more buffers overlap more I/O.
         target["buffer_count"] = 5 if what == "params" else 4
+        if what == "params":
+            target["buffer_size"] = max(NVME_PARAM_BUFFER_ELEMENTS, largest_param)
     return target
 
 

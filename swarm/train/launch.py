@@ -42,6 +42,15 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
     job = with_absolute_paths(job)
     check_model_source(job)
     check_offload_folder(job)
+    plan = check_plan(job)
+    if plan is not None and plan.micro_batch != job.train.micro_batch:
+        print(
+            f"plan: micro_batch {job.train.micro_batch} does not fit; training with micro_batch "
+            f"{plan.micro_batch} x grad_accum {plan.grad_accum} (the same samples per step)",
+            file=sys.stderr,
+        )
+        job = job.model_copy(update={"train": job.train.model_copy(
+            update={"micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum})})
     tokenizer = load_tokenizer(job)
     from swarm.train.data import prepare_data
 
@@ -62,6 +71,8 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
     else:
         run_dir = create_run_dir(job)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    if plan is not None:
+        (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
     tokenizer.save_pretrained(run_dir / "tokenizer")
 
     started = dt.datetime.now(dt.timezone.utc)
@@ -76,6 +87,27 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
             file=sys.stderr,
         )
     return run_dir
+
+
+def check_plan(job: JobConfig):
+    """Refuse, before anything is loaded, a job that the planner says does not fit here.
+
+    swarm trains with ZeRO-3 and the job's offload settings, so that is the strategy
+    checked. A model whose shape cannot be known without a download is not planned.
+    """
+    from swarm.plan import Strategy, local_inventory, make_plan
+
+    if job.ray.address:  # another cluster: its nodes are planned by `swarm plan --cluster`
+        return None
+    strategy = Strategy(3, job.offload.params, job.offload.optimizer)
+    try:
+        plan = make_plan(job, [local_inventory(job.offload.nvme_path)], strategies=[strategy])
+    except UserError as exc:
+        print(f"warning: no memory plan for this job ({exc})", file=sys.stderr)
+        return None
+    if not plan.fits:
+        raise UserError(f"this job does not fit this machine: {plan.reason}; `swarm plan JOB` shows the figures")
+    return plan
 
 
 def trim_metrics(path: Path, step: int) -> None:

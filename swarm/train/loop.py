@@ -94,6 +94,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     torch.manual_seed(job.train.seed)
     model, _hf_ds_config = load_model(job, precision, ds_config, device)
+    ds_config = deepspeed_config(job, precision, on_gpu, largest_param=max(p.numel() for p in model.parameters()))
     named = trainable_parameters(model)
     if resume is not None:
         # Before DeepSpeed wraps them, the LoRA weights are plain tensors on every rank.
@@ -293,6 +294,25 @@ def load_adapter_weights(model, named, adapter: dict) -> None:
         raise RuntimeError(f"checkpoint lacks LoRA weights {missing[:3]}")
 
 
+def _create_optimizer_state(engine, step: int) -> None:
+    """Create Adam's state before its first step, so that moments can be written into it.
+
+    Adam creates its state lazily, on the first step; DeepSpeed's setters expect it to
+    exist. Zeros of the flat fp32 partition's shape are what Adam itself would create.
+    """
+    import torch
+
+    zero = engine.optimizer
+    inner = zero.optimizer
+    tensor_step = isinstance(inner, torch.optim.Optimizer) and type(inner).__module__.startswith("torch.optim")
+    for flat in zero.fp32_partitioned_groups_flat:
+        state = inner.state[flat]
+        for key in MOMENT_KEYS:
+            if key not in state:
+                state[key] = torch.zeros_like(flat)
+        state["step"] = torch.tensor(float(step)) if tensor_step else step
+
+
 def restore_trainer_state(engine, scheduler, named, resume: dict) -> tuple[int, int]:
     """Put the fp32 master weights, moments, schedule and RNG back; return the position.
 
@@ -311,13 +331,12 @@ def restore_trainer_state(engine, scheduler, named, resume: dict) -> tuple[int, 
     peft_name_of = {id(p): k for k, p in by_peft_name.items()}
     for name, p in named:
         safe_set_full_fp32_param(p, resume["adapter"][peft_name_of[id(p)]].to(torch.float32))
+    if trainer["moments"]:
+        _create_optimizer_state(engine, trainer["optimizer_step"])
     for key, tensors in trainer["moments"].items():
         for name, p in named:
             if name in tensors:
                 safe_set_full_optimizer_state(p, tensors[name].to(torch.float32), key)
-    for state in engine.optimizer.optimizer.state.values():
-        if "step" in state:
-            state["step"] = trainer["optimizer_step"]
     scheduler.load_state_dict(trainer["scheduler"])
     for group, lr in zip(engine.optimizer.optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr

@@ -1,0 +1,62 @@
+"""A minimal hand-written DeepSpeed loop: the baseline ``bench_train.py`` compares against.
+
+Same model, quantization, LoRA, checkpointing and DeepSpeed config as ``swarm train``, but
+no Ray, no driver, no progress reporting: one process, one loop. Prints one JSON line.
+"""
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+START = time.perf_counter()
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+    os.environ.setdefault(key, value)
+
+import deepspeed  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from swarm.config import load_job  # noqa: E402
+from swarm.train.data import prepare_data  # noqa: E402
+from swarm.train.ds_config import deepspeed_config  # noqa: E402
+from swarm.train.model import load_model  # noqa: E402
+
+job = load_job(sys.argv[1])
+torch.set_num_threads(os.cpu_count() or 1)
+tokenizer = AutoTokenizer.from_pretrained(job.model.path)
+blocks = prepare_data(job.data, tokenizer).train
+ids = torch.tensor(np.array([b["input_ids"] for b in blocks]))
+labels = torch.tensor(np.array([b["labels"] for b in blocks]))
+mask = torch.tensor(np.array([b["attention_mask"] for b in blocks]))
+
+config = deepspeed_config(job, "fp32", on_gpu=False)
+deepspeed.init_distributed(dist_backend="gloo")
+torch.manual_seed(job.train.seed)
+model, hf_config = load_model(job, "fp32", config, torch.device("cpu"))
+params = [p for p in model.parameters() if p.requires_grad]
+engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+startup = time.perf_counter() - START
+
+mb, ga = job.train.micro_batch, job.train.grad_accum
+step_times, position = [], 0
+for step in range(job.train.max_steps):
+    t0 = time.perf_counter()
+    for _ in range(ga):
+        idx = [(position + i) % len(ids) for i in range(mb)]
+        position += mb
+        loss = engine(input_ids=ids[idx], labels=labels[idx], attention_mask=mask[idx]).loss
+        engine.backward(loss)
+        engine.step()
+    loss.item()
+    step_times.append(time.perf_counter() - t0)
+print(json.dumps({
+    "startup_s": startup,
+    "step_times": step_times,
+    "median_step_s": statistics.median(step_times[2:]),
+    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+}))

@@ -1,0 +1,147 @@
+"""Benchmark: ``swarm train`` against a minimal hand-written DeepSpeed loop, in one run.
+
+Both train the same tiny Llama (QLoRA, gradient checkpointing, ZeRO-3 with CPU offload of
+parameters and optimizer) for the same steps on this machine. Printed figures:
+
+- steady-state step time (median, first steps excluded) and its ratio swarm/baseline;
+- start-up time: launch to the first training step;
+- peak RSS of each whole process tree (swarm: CLI driver + Ray + worker), and the
+  difference, which is swarm's orchestration overhead.
+
+Usage: python tests/bench/bench_train.py [--steps 30] [--hidden 256] [--layers 4]
+Targets (issue 2): step-time ratio <= 1.05; orchestration overhead <= 1.5 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+GIB = 1024**3
+
+
+class TreeRss:
+    """Samples the summed RSS of a process and all its descendants; keeps the peak."""
+
+    def __init__(self, pid: int):
+        self.root = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            try:
+                for proc in [self.root, *self.root.children(recursive=True)]:
+                    try:
+                        total += proc.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def write_job(folder: Path, model: Path, steps: int) -> Path:
+    job = {
+        "model": {"path": str(model)},
+        "data": {"files": [str(REPO / "configs/data/demo.txt")], "seq_len": 128, "eval_fraction": 0},
+        "train": {"max_steps": steps, "micro_batch": 4, "grad_accum": 2, "lr": 2e-3,
+                  "log_every": 1, "checkpoint_every": 10_000, "precision": "fp32"},
+        "offload": {"params": "cpu", "optimizer": "cpu"},
+        "output": {"dir": str(folder / "runs")},
+        "ray": {"dashboard": True},
+    }
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def run_baseline(job: Path) -> dict:
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests/bench/baseline_loop.py"), str(job)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    rss = TreeRss(proc.pid)
+    out, _ = proc.communicate()
+    result = json.loads(out.strip().splitlines()[-1])
+    result["tree_peak_rss_bytes"] = rss.stop()
+    return result
+
+
+def run_swarm(job: Path) -> dict:
+    launched = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "swarm", "train", str(job)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    rss = TreeRss(proc.pid)
+    first_step_at = None
+    metrics = None
+    while proc.poll() is None:
+        if metrics is None:
+            found = list((job.parent / "runs").glob("*/metrics.jsonl"))
+            metrics = found[0] if found else None
+        if metrics is not None and first_step_at is None and metrics.stat().st_size:
+            row = json.loads(metrics.read_text().splitlines()[0])
+            first_step_at = time.perf_counter() - row["step_time_s"]
+        time.sleep(0.05)
+    out, _ = proc.communicate()
+    assert proc.returncode == 0, "swarm train failed"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    step_times = [r["step_time_s"] for r in rows if "step_time_s" in r]
+    return {
+        "startup_s": first_step_at - launched,
+        "step_times": step_times,
+        "median_step_s": statistics.median(step_times[2:]),
+        "tree_peak_rss_bytes": rss.stop(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    args = parser.parse_args()
+
+    from swarm.tiny import make_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        model = make_tiny_model(folder / "model", [REPO / "configs/data/demo.txt"],
+                                hidden=args.hidden, layers=args.layers)
+        job = write_job(folder, model, args.steps)
+        baseline = run_baseline(job)
+        swarm = run_swarm(job)
+
+    ratio = swarm["median_step_s"] / baseline["median_step_s"]
+    overhead = swarm["tree_peak_rss_bytes"] - baseline["tree_peak_rss_bytes"]
+    print(f"tiny llama hidden={args.hidden} layers={args.layers}, {args.steps} steps, "
+          "QLoRA + ZeRO-3 + CPU offload (params, optimizer), fp32 on CPU")
+    print(f"{'':28}{'baseline':>12}{'swarm':>12}")
+    print(f"{'median step time (s)':28}{baseline['median_step_s']:12.3f}{swarm['median_step_s']:12.3f}")
+    print(f"{'start-up to first step (s)':28}{baseline['startup_s']:12.1f}{swarm['startup_s']:12.1f}")
+    print(f"{'peak RSS, process tree (GiB)':28}{baseline['tree_peak_rss_bytes'] / GIB:12.2f}"
+          f"{swarm['tree_peak_rss_bytes'] / GIB:12.2f}")
+    print(f"step time ratio swarm/baseline: {ratio:.3f} (target <= 1.05)")
+    print(f"orchestration RAM overhead: {overhead / GIB:.2f} GiB (target <= 1.5 GiB)")
+
+
+if __name__ == "__main__":
+    main()
