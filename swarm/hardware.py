@@ -1,0 +1,182 @@
+"""What this machine has: versions, GPUs, RAM, offload disk, the interface that reaches a peer.
+
+The agent reports this through its Inventory call; the planner reads the same
+``NodeInventory``. GPUs come from NVML (``nvidia-ml-py``) when a driver is present; on a PC
+without one the list is simply empty.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import psutil
+
+import swarm
+from swarm.cluster.builders import choose_interface
+from swarm.inventory import GpuInfo, NodeInventory
+
+# Distributions whose versions the inventory reports (name in the report -> PyPI name).
+_PACKAGES = {
+    "torch": "torch",
+    "deepspeed": "deepspeed",
+    "ray": "ray",
+    "transformers": "transformers",
+    "peft": "peft",
+    "bitsandbytes": "bitsandbytes",
+    "grpcio": "grpcio",
+}
+NOT_INSTALLED = "not installed"
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, the OS, swarm, torch (and its CUDA), Ray and the training stack.
+
+    Read from package metadata, without importing torch or deepspeed (seconds and hundreds of
+    MB each). ``cuda`` is the CUDA that torch was built for; ``cuda_driver`` the driver's.
+    """
+    out = {
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()} ({platform.machine()})",
+        "swarm": swarm.__version__,
+    }
+    for key, dist in _PACKAGES.items():
+        try:
+            out[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[key] = NOT_INSTALLED
+    out["cuda"] = _torch_cuda() or "none"
+    driver = _nvml(lambda nv: nv.nvmlSystemGetCudaDriverVersion_v2())
+    if driver:
+        out["cuda_driver"] = f"{driver // 1000}.{driver % 1000 // 10}"
+    return out
+
+
+def _torch_cuda() -> str | None:
+    """The ``cuda`` line of torch/version.py, read as text."""
+    try:
+        path = importlib.metadata.distribution("torch").locate_file("torch/version.py")
+        text = Path(path).read_text()
+    except (importlib.metadata.PackageNotFoundError, OSError):
+        return None
+    match = re.search(r"^cuda(?::[^=]*)?\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def _nvml(fn):
+    """``fn(pynvml)`` inside nvmlInit/nvmlShutdown, or None when NVML is unavailable."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver / library: a PC without NVIDIA GPU, not an error
+        return None
+    try:
+        return fn(pynvml)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def gpus() -> tuple[GpuInfo, ...]:
+    """NVIDIA GPUs as NVML sees them (name, VRAM, compute capability); empty without NVML."""
+
+    def read(nv) -> tuple[GpuInfo, ...]:
+        found = []
+        for i in range(nv.nvmlDeviceGetCount()):
+            handle = nv.nvmlDeviceGetHandleByIndex(i)
+            name = nv.nvmlDeviceGetName(handle)
+            name = name.decode() if isinstance(name, bytes) else name
+            vram = int(nv.nvmlDeviceGetMemoryInfo(handle).total)
+            cc = tuple(int(x) for x in nv.nvmlDeviceGetCudaComputeCapability(handle))
+            found.append(GpuInfo(name=name, vram_bytes=vram, compute_capability=cc))
+        return tuple(found)
+
+    return _nvml(read) or ()
+
+
+def ram_bytes() -> int:
+    """Total host RAM."""
+    return int(psutil.virtual_memory().total)
+
+
+def disk_free_bytes(folder: Path) -> int:
+    """Free bytes on the filesystem of ``folder`` (created if missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return int(shutil.disk_usage(folder).free)
+
+
+def measure_write_speed(folder: Path, size_bytes: int = 64 * 1024**2) -> float:
+    """Bytes per second of a synced sequential write of ``size_bytes`` into ``folder``.
+
+    fsync is included: DeepSpeed's NVMe offload is bound by what reaches the drive, not by
+    the page cache. The test file is removed afterwards.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(1024**2)  # random: compressing filesystems must not flatter the figure
+    path = folder / f".swarm-write-test-{os.getpid()}"
+    start = time.perf_counter()
+    try:
+        with open(path, "wb", buffering=0) as f:
+            written = 0
+            while written < size_bytes:
+                written += f.write(block[: min(len(block), size_bytes - written)])
+            os.fsync(f.fileno())
+        elapsed = time.perf_counter() - start
+    finally:
+        path.unlink(missing_ok=True)
+    return size_bytes / max(elapsed, 1e-9)
+
+
+def interfaces() -> dict[str, list[tuple[str, str]]]:
+    """IPv4 (address, netmask) per network interface."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for name, addrs in psutil.net_if_addrs().items():
+        v4 = [(a.address, a.netmask) for a in addrs if a.family == socket.AF_INET and a.netmask]
+        if v4:
+            out[name] = v4
+    return out
+
+
+def routed_source_address(peer: str) -> str | None:
+    """The source address the kernel would use for ``peer`` (a UDP connect sends nothing)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((peer, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def interface_to(peer: str) -> tuple[str, str] | None:
+    """(interface, local address) that reaches ``peer``, or None when nothing does."""
+    return choose_interface(peer, interfaces(), routed_source_address(peer))
+
+
+def inventory(peer: str | None = None, offload: Path | None = None, write_speed: float | None = None) -> NodeInventory:
+    """This machine's ``NodeInventory``.
+
+    Args:
+        peer: address of the PC to reach (the head); fills ``address`` and ``interface``.
+        offload: the offload folder whose free space is reported.
+        write_speed: an already measured write speed of ``offload`` (the agent caches it);
+            None leaves it unmeasured.
+    """
+    reach = interface_to(peer) if peer else None
+    return NodeInventory(
+        hostname=socket.gethostname(),
+        ram_bytes=ram_bytes(),
+        gpus=gpus(),
+        address=reach[1] if reach else None,
+        interface=reach[0] if reach else None,
+        offload_free_bytes=disk_free_bytes(offload) if offload else None,
+        offload_write_bytes_per_s=write_speed,
+        versions=versions(),
+    )

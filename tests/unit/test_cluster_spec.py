@@ -1,0 +1,54 @@
+"""Cluster files: every shipped one loads and says how to run it; errors are one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from swarm.cluster.spec import load_cluster_spec
+from swarm.errors import UserError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("cluster*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_cluster_files_load_and_open_with_their_command(path):
+    spec = load_cluster_spec(path)
+    assert spec.head.address and spec.head.agent_address.endswith(":7077")
+    first = path.read_text().splitlines()[:4]
+    assert first[0].startswith("#") and any("swarm up" in line or "bench_up.py" in line for line in first)
+
+
+def test_there_are_shipped_cluster_files():
+    assert {p.name for p in CONFIGS} >= {"cluster.yaml", "cluster-lab.yaml"}
+
+
+def test_node_settings_override_cluster_defaults():
+    spec = load_cluster_spec(next(p for p in CONFIGS if p.name == "cluster.yaml"))
+    by_address = {w.address: w for w in spec.workers}
+    assert spec.merged(by_address["192.168.1.12"])["object_store_bytes"] == 1024**3
+    assert spec.merged(by_address["192.168.1.11"])["object_store_bytes"] == 2 * 1024**3
+    assert by_address["192.168.1.11"].agent_address == "192.168.1.11:7077"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("head: {address: pc1}", "head.address: must be an IPv4 address"),
+    ("head: {address: 10.0.0.1}\nworkers: [{address: 10.0.0.1}]", "listed twice"),
+    ("head: {address: 10.0.0.1, colour: red}", "unknown key 'head.colour'"),
+    ("workers: []", "missing required key 'head'"),
+    ("head: {address: 10.0.0.1}\nray: {object_store_memory: 1MiB}", "below"),
+    ("head: {address: 10.0.0.1, agent: 'x:y'}", "head.agent: agent address 'x:y' is not HOST or HOST:PORT"),
+    ("head: [", "not valid YAML"),
+])
+def test_bad_cluster_files_fail_with_one_line(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=message) as err:
+        load_cluster_spec(path)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_cluster_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_cluster_spec(tmp_path / "nope.yaml")
