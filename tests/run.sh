@@ -24,4 +24,9 @@ python -m pip install -q --upgrade pip
 python -m pip install -q -c launcher/constraints.txt torch
 python -m pip install -q -c launcher/constraints.txt -e ".[test]"
 
+# DeepSpeed compiles its CPU ops on first use. Do it once here, with no test timeout
+# running; a lock left by a build that was killed half-way would block every later build.
+rm -f "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"/*/*/lock
+DS_ACCELERATOR=cpu python tests/build_ops.py
+
 exec python -m pytest -q -p no:cacheprovider --timeout=900 "$@" tests

@@ -323,14 +323,23 @@ def user_error_from(exc: BaseException) -> UserError | None:
 
 
 def write_run_summary(run_dir: Path, job: JobConfig, recorder: ProgressRecorder, stats, started, finished) -> None:
-    """run.json: what the model card and later tools need to know about this run."""
+    """run.json: what the model card and later tools need to know about this run.
+
+    A resumed run keeps its first start and adds this session's wall time to the earlier ones.
+    """
+    earlier_s, first_started = 0.0, started
+    previous = run_dir / "run.json"
+    if previous.is_file():
+        earlier = json.loads(previous.read_text())
+        first_started = dt.datetime.fromisoformat(earlier["started"])
+        earlier_s = earlier.get("wall_time_s", 0.0)
     summary = {
         "name": run_dir.name,
         "swarm_version": __version__,
         "base_model": job.model.path,
-        "started": started.isoformat(timespec="seconds"),
+        "started": first_started.isoformat(timespec="seconds"),
         "finished": finished.isoformat(timespec="seconds"),
-        "wall_time_s": round((finished - started).total_seconds(), 1),
+        "wall_time_s": round(earlier_s + (finished - started).total_seconds(), 1),
         **recorder.summary(),
         "strategy": {
             "name": "zero3",

@@ -94,7 +94,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     torch.manual_seed(job.train.seed)
     model, _hf_ds_config = load_model(job, precision, ds_config, device)
-    ds_config = deepspeed_config(job, precision, on_gpu, largest_param=max(p.numel() for p in model.parameters()))
+    largest = max(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: partitioned
+    ds_config = deepspeed_config(job, precision, on_gpu, largest_param=largest)
     named = trainable_parameters(model)
     if resume is not None:
         # Before DeepSpeed wraps them, the LoRA weights are plain tensors on every rank.

@@ -230,3 +230,31 @@ def test_other_architectures_train(tiny_models, tmp_path, arch):
     run_dir = run_dir_of(swarm("train", str(job), cwd=tmp_path))
     assert falls_by_a_third(run_dir), losses(run_dir)
     assert math.isfinite(json.loads((run_dir / "run.json").read_text())["train_loss"])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "adafactor"])
+def test_device_optimizers_train(tiny_models, tmp_path, optimizer):
+    """8-bit AdamW (bitsandbytes) and Adafactor, which run where the weights are."""
+    job = write_job(tmp_path, tiny_models("llama"), offload={"params": "none", "optimizer": "none"},
+                    train={"optimizer": optimizer, "max_steps": 10, "checkpoint_every": 100, "lr": 1e-2})
+    run_dir = run_dir_of(swarm("train", str(job), cwd=tmp_path))
+    by_step = losses(run_dir)
+    assert by_step[10] < by_step[1] * 0.8, by_step
+
+
+def test_export_of_a_real_run(reference, tmp_path):
+    """The model card of a trained run states that run's figures; the merged model loads."""
+    from transformers import AutoModelForCausalLM
+
+    from swarm.export import export_run
+
+    _, run_dir, _ = reference
+    merged = export_run(run_dir, out_dir=tmp_path, merge=True, dtype="fp32")
+    summary = json.loads((run_dir / "run.json").read_text())
+    card = (merged.with_name(merged.name.removesuffix("-merged")) / "README.md").read_text()
+    assert f"{summary['train_loss']:.4f}" in card
+    assert f"{summary['tokens']:,}" in card
+    assert summary["data"]["sha256"] in card
+    assert f"| Steps | {summary['steps']} |" in card
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
