@@ -76,8 +76,8 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
     tokenizer.save_pretrained(run_dir / "tokenizer")
 
     started = dt.datetime.now(dt.timezone.utc)
-    with ray_session(job) as dashboard_url:
-        recorder = ProgressRecorder(run_dir, job, dashboard_url)
+    with (session := ray_session(job)) as dashboard_url:
+        recorder = ProgressRecorder(run_dir, job, dashboard_url, status_job_id=session.job_id)
         fit(job, pack_arrays(prepared), recorder, fingerprint, resume_state)
     finished = dt.datetime.now(dt.timezone.utc)
     write_run_summary(run_dir, job, recorder, prepared.stats, started, finished)
@@ -220,8 +220,13 @@ class ray_session:
         import ray
 
         settings = self.job.ray
+        self.job_id = None
         if settings.address:
+            attach_env = swarm_client_env()
+            os.environ.update(attach_env)
             context = ray.init(address=settings.address, log_to_driver=False, logging_level="ERROR")
+            # `swarm status` shows this job's step and loss under its Ray job id.
+            self.job_id = ray.get_runtime_context().get_job_id() if attach_env else None
         else:
             context = ray.init(
                 address="local",
@@ -240,6 +245,20 @@ class ray_session:
         import ray
 
         ray.shutdown()
+
+
+def swarm_client_env() -> dict[str, str]:
+    """Ray's token variables from this PC's swarm secret; empty when there is no secret.
+
+    Ray reads them when its core starts, so they must be set before ``ray.init``.
+    """
+    from swarm.cluster.client import ray_client_env
+    from swarm.home import read_secret
+
+    try:
+        return ray_client_env(read_secret())
+    except UserError:
+        return {}
 
 
 def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder, fingerprint: dict, resume_state) -> None:

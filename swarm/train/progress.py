@@ -26,8 +26,9 @@ PLAIN_LINE_INTERVAL_S = 5.0  # without a terminal, one status line at most this 
 class ProgressRecorder:
     """Consumes worker messages: renders progress, appends metrics, writes the adapter."""
 
-    def __init__(self, run_dir: Path, job: JobConfig, dashboard_url: str | None):
+    def __init__(self, run_dir: Path, job: JobConfig, dashboard_url: str | None, status_job_id: str | None = None):
         self.run_dir = run_dir
+        self.status_job_id = status_job_id
         self.job = job
         self.console = Console(stderr=True)
         metrics_path = run_dir / "metrics.jsonl"
@@ -93,6 +94,10 @@ class ProgressRecorder:
         self.total_tokens += message["tokens"]
         self._write_metrics(message)
         self._show(message["step"])
+        if self.status_job_id:
+            from swarm.cluster.state import record_progress
+
+            record_progress(self.status_job_id, message["step"], message["loss"])
 
     def _on_eval(self, message: dict) -> None:
         self.last_eval = message["eval_loss"]
