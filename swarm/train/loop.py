@@ -49,6 +49,37 @@ def client_optimizer(job: JobConfig, params):
     return None
 
 
+class DriverLink:
+    """Rank 0's line to the driver, built so that a training step never waits on it.
+
+    Metrics go out fire-and-forget; the stop request is polled with a probe that is
+    read only once Ray has its answer. Checkpoints and the final adapter use ``deliver``,
+    which waits until the driver's queue holds them.
+    """
+
+    def __init__(self, sink, control):
+        import ray
+
+        self._ray, self.sink, self.control = ray, sink, control
+        self._stop_probe = control.actor.empty.remote() if control is not None else None
+
+    def send(self, message: dict) -> None:
+        self.sink.actor.put_nowait.remote(message)
+
+    def deliver(self, message: dict) -> None:
+        self.sink.put(message)
+
+    def stop_requested(self) -> bool:
+        if self._stop_probe is None:
+            return False
+        ready, _ = self._ray.wait([self._stop_probe], timeout=0)
+        if not ready:
+            return False
+        empty = self._ray.get(self._stop_probe)
+        self._stop_probe = self.control.actor.empty.remote()
+        return not empty
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker.
 
@@ -73,7 +104,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     job = JobConfig.model_validate(cfg["job"])
-    sink = cfg["sink"] if rank == 0 else None
+    link = DriverLink(cfg["sink"], cfg.get("control")) if rank == 0 else None
     data = ray.get(cfg["data"])
     resume = ray.get(cfg["resume"]) if cfg.get("resume") is not None else None
 
@@ -115,8 +146,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     hosts = [None] * world
     dist.all_gather_object(hosts, _host_facts(on_gpu))
-    if sink is not None:
-        sink.put({
+    if link is not None:
+        link.deliver({
             "kind": "start", "world_size": world, "precision": precision, "start_step": start_step,
             "max_steps": job.train.max_steps, "hosts": hosts,
             "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in params),
@@ -134,14 +165,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     def checkpoint(done: int) -> None:
         state = gather_trainable_state(engine, scheduler, named, done, samples_seen)
-        if sink is not None:
+        if link is not None:
             state["fingerprint"] = cfg["fingerprint"]
             state["peft_config"] = model.peft_config["default"]
-            # A blocking put: the driver holds the state before training goes on.
-            sink.put({"kind": "checkpoint", **state})
+            # The driver holds the state before training goes on.
+            link.deliver({"kind": "checkpoint", **state})
 
     engine.train()
-    control = cfg.get("control")
     for step in range(start_step, job.train.max_steps):
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -157,14 +187,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         samples_seen += mb * ga * world
         # Rank 0 alone asks the driver whether to stop; the answer rides on the one
         # all-reduce each step already makes, so every rank stops at the same step.
-        stop = 1.0 if rank == 0 and control is not None and not control.empty() else 0.0
+        stop = 1.0 if link is not None and link.stop_requested() else 0.0
         totals = torch.tensor([loss_sum.item() / ga, tokens, stop], dtype=torch.float64, device=device)
         dist.all_reduce(totals)
         elapsed = time.perf_counter() - started
         done = step + 1
         last = done == job.train.max_steps
-        if sink is not None and (done % job.train.log_every == 0 or last):
-            sink.put_nowait({
+        if link is not None and (done % job.train.log_every == 0 or last):
+            link.send({
                 "kind": "step", "step": done, "loss": totals[0].item() / world,
                 "lr": scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine),
                 "tokens": int(totals[1].item()), "tokens_per_s": totals[1].item() / elapsed,
@@ -172,20 +202,20 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             })
         if data["eval_input_ids"] is not None and (done % job.train.eval_every == 0 or last):
             eval_loss = evaluate(engine, data, job, rank, world, batch)
-            if sink is not None:
-                sink.put_nowait({"kind": "eval", "step": done, "eval_loss": eval_loss})
+            if link is not None:
+                link.send({"kind": "eval", "step": done, "eval_loss": eval_loss})
         stopping = totals[2].item() > 0
         if stopping or last or done % job.train.checkpoint_every == 0:
             checkpoint(done)
         if stopping:
-            if sink is not None:
-                sink.put({"kind": "stopped", "step": done})
+            if link is not None:
+                link.deliver({"kind": "stopped", "step": done})
             return
 
     state = gather_adapter(engine, named)
-    if sink is not None:
-        # A blocking put: the driver holds the adapter before this worker may exit.
-        sink.put({"kind": "adapter", "peft_config": model.peft_config["default"], "state_dict": state})
+    if link is not None:
+        # Delivered: the driver holds the adapter before this worker may exit.
+        link.deliver({"kind": "adapter", "peft_config": model.peft_config["default"], "state_dict": state})
 
 
 def _masked_loss(engine, inputs):

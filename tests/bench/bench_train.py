@@ -32,33 +32,41 @@ GIB = 1024**3
 
 
 class TreeRss:
-    """Samples the summed RSS of a process and all its descendants; keeps the peak."""
+    """Samples the summed RSS and PSS of a process and all its descendants; keeps the peaks.
+
+    Summed RSS counts a shared page (torch's libraries, mapped by every Ray process) once
+    per process; PSS splits it among them, so summed PSS is the memory the tree really uses.
+    """
 
     def __init__(self, pid: int):
         self.root = psutil.Process(pid)
         self.peak = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = 0
+            total = total_pss = 0
             try:
                 for proc in [self.root, *self.root.children(recursive=True)]:
                     try:
-                        total += proc.memory_info().rss
+                        info = proc.memory_full_info()
+                        total += info.rss
+                        total_pss += info.pss
                     except psutil.Error:
                         pass
             except psutil.Error:
                 pass
             self.peak = max(self.peak, total)
+            self.peak_pss = max(self.peak_pss, total_pss)
             time.sleep(0.1)
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, int]:
         self._stop.set()
         self._thread.join()
-        return self.peak
+        return self.peak, self.peak_pss
 
 
 def write_job(folder: Path, model: Path, steps: int) -> Path:
@@ -82,7 +90,7 @@ def run_baseline(job: Path) -> dict:
     rss = TreeRss(proc.pid)
     out, _ = proc.communicate()
     result = json.loads(out.strip().splitlines()[-1])
-    result["tree_peak_rss_bytes"] = rss.stop()
+    result["tree_peak_rss_bytes"], result["tree_peak_pss_bytes"] = rss.stop()
     return result
 
 
@@ -102,6 +110,7 @@ def run_swarm(job: Path) -> dict:
             first_step_at = time.perf_counter() - row["step_time_s"]
         time.sleep(0.05)
     out, _ = proc.communicate()
+    peak_rss, peak_pss = rss.stop()
     assert proc.returncode == 0, "swarm train failed"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     step_times = [r["step_time_s"] for r in rows if "step_time_s" in r]
@@ -109,7 +118,8 @@ def run_swarm(job: Path) -> dict:
         "startup_s": first_step_at - launched,
         "step_times": step_times,
         "median_step_s": statistics.median(step_times[2:]),
-        "tree_peak_rss_bytes": rss.stop(),
+        "tree_peak_rss_bytes": peak_rss,
+        "tree_peak_pss_bytes": peak_pss,
     }
 
 
@@ -132,6 +142,7 @@ def main() -> None:
 
     ratio = swarm["median_step_s"] / baseline["median_step_s"]
     overhead = swarm["tree_peak_rss_bytes"] - baseline["tree_peak_rss_bytes"]
+    overhead_pss = swarm["tree_peak_pss_bytes"] - baseline["tree_peak_pss_bytes"]
     print(f"tiny llama hidden={args.hidden} layers={args.layers}, {args.steps} steps, "
           "QLoRA + ZeRO-3 + CPU offload (params, optimizer), fp32 on CPU")
     print(f"{'':28}{'baseline':>12}{'swarm':>12}")
@@ -139,8 +150,11 @@ def main() -> None:
     print(f"{'start-up to first step (s)':28}{baseline['startup_s']:12.1f}{swarm['startup_s']:12.1f}")
     print(f"{'peak RSS, process tree (GiB)':28}{baseline['tree_peak_rss_bytes'] / GIB:12.2f}"
           f"{swarm['tree_peak_rss_bytes'] / GIB:12.2f}")
+    print(f"{'peak PSS, process tree (GiB)':28}{baseline['tree_peak_pss_bytes'] / GIB:12.2f}"
+          f"{swarm['tree_peak_pss_bytes'] / GIB:12.2f}")
     print(f"step time ratio swarm/baseline: {ratio:.3f} (target <= 1.05)")
-    print(f"orchestration RAM overhead: {overhead / GIB:.2f} GiB (target <= 1.5 GiB)")
+    print(f"orchestration RAM overhead: {overhead_pss / GIB:.2f} GiB by PSS, {overhead / GIB:.2f} GiB by summed RSS "
+          "(target <= 1.5 GiB)")
 
 
 if __name__ == "__main__":
