@@ -128,7 +128,27 @@ class Overheads:
     cuda_context: int = int(0.6 * GiB)  # context, cuBLAS workspace, kernels; outside torch's allocator
     allocator_slack: float = 0.07  # fragmentation of the caching allocator, share of allocations
     gpu_worker_process: int = int(2.0 * GiB)  # host RSS of a CUDA worker: python, torch, CUDA libraries
-    cpu_worker_process: int = int(1.0 * GiB)  # host RSS of a CPU worker before the model
+    # CPU workers, measured here (docs/plan.md, "Calibration"; RSS sampled every 3 ms inside
+    # the Ray Train worker of `swarm train`): just before its model loads, a CPU worker
+    # (python, torch, DeepSpeed, transformers, peft, bitsandbytes, Ray, the packed data) held
+    # 570-590 MiB in 10 runs; a whole run on the 426k-parameter tiny model, whose model terms
+    # are a few MiB, peaked at 616 MiB.
+    cpu_worker_process: int = int(0.6 * GiB)
+    # Loading on a CPU worker copies every weight out of the mapped checkpoint into a full-size
+    # buffer (ZeRO-3 gathers each module to write it into its partition; bitsandbytes casts
+    # and quantizes each weight), and glibc's malloc keeps much of what is freed, along with
+    # the Python objects of the modules. Measured at the load peak beyond the kept weights and
+    # the mapped file, as a share of the weights' bytes: 0.40-0.82 with an fp32 base (ZeRO-3
+    # builds it partitioned) and 0.37-0.65 with a 4-bit base, on tiny Llamas of 39M, 77M and
+    # 129M parameters. With MALLOC_MMAP_THRESHOLD_=65536 (every freed buffer goes back to the
+    # system) the extra fell from 290 to 180 MiB on the 77M model.
+    cpu_load_retained: float = 0.6
+    # Training a 4-bit base on a CPU worker dequantizes every weight to the compute dtype in
+    # each forward, recomputation and backward, and malloc keeps about as much as all the
+    # dequantized weights together. Measured above the other training terms over 3 steps:
+    # 0.82-1.09 of the quantized weights' bytes in the compute dtype (same models; a 12-step
+    # run peaked no higher). With MALLOC_MMAP_THRESHOLD_=65536 the training RSS stays flat.
+    cpu_dequant_retained: float = 1.0
     ray_node: int = int(0.3 * GiB)  # raylet and dashboard agent on every node
     ray_head: int = int(1.0 * GiB)  # GCS, dashboard and the swarm driver on the first node
     os_and_desktop: int = int(2.0 * GiB)
@@ -258,6 +278,8 @@ def worker_terms(shape: ModelShape, work: Workload, strategy: Strategy, world: i
     if quantized:
         # bitsandbytes dequantizes one weight at a time to 16-bit for the matmul.
         add("4-bit dequantize buffer", dev, shape.largest_quantizable_numel * d, "train")
+        if device == "cpu":
+            add("4-bit dequantized copies kept by malloc", "ram", overheads.cpu_dequant_retained * quantized * d, "train")
 
     # Trainable state: gradients and optimizer (LoRA parameters only).
     per_param = optimizer_bytes_per_param(work.optimizer, d)
@@ -285,6 +307,8 @@ def worker_terms(shape: ModelShape, work: Workload, strategy: Strategy, world: i
         add(name, dev, nbytes, "train")
 
     # Loading: transformers reads one checkpoint shard at a time and quantizes tensor by tensor.
+    # The shard is memory-mapped; its pages count in the RSS once read (on CPU workers the
+    # shared RSS rose by 95-105% of the file's size at the load peak in every calibration run).
     largest_tensor = max(g.weight_numel for g in shape.groups)
     add("loading: one tensor in 16-bit", dev, largest_tensor * shape.checkpoint_dtype_bytes, "load")
     add("loading: checkpoint shard in memory", "ram",
@@ -298,6 +322,7 @@ def worker_terms(shape: ModelShape, work: Workload, strategy: Strategy, world: i
     else:
         allocated = sum(t.bytes for t in terms if t.where == "ram" and t.phase != "load")
         add("allocator slack", "ram", allocated * overheads.allocator_slack, "train")
+        add("loading: freed copies kept by malloc", "ram", overheads.cpu_load_retained * shape.total_params * d, "load")
         add("worker process (python, torch)", "ram", overheads.cpu_worker_process)
     return terms
 
