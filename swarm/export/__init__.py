@@ -20,7 +20,8 @@ from pathlib import Path
 
 from swarm.errors import UserError
 from swarm.export.card import base_license, front_matter, render_card
-from swarm.export.merge import DTYPES, fsync_path, merge_adapter, parse_size
+from swarm.durable import fsync_path
+from swarm.export.merge import DTYPES, merge_adapter, parse_size
 from swarm.export.names import checkpoint_name, run_name, validate_name
 from swarm.export.run import ADAPTER_FILES, load_run, resolve_adapter, resolve_base
 

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
+
+from swarm.durable import fsync_path
 
 import torch
 
@@ -309,15 +310,6 @@ class _ShardWriter:
 def _write(path: Path, text: str) -> None:
     path.write_text(text)
     fsync_path(path)
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _progress:

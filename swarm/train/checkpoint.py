@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from swarm.durable import fsync_path, write_bytes
 from swarm.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -60,10 +61,10 @@ def write_checkpoint(root: Path, state: dict[str, Any], keep: int) -> Path:
 
     state["peft_config"].save_pretrained(tmp / "adapter")
     adapter = {k: v.contiguous() for k, v in state["adapter"].items()}
-    _write_bytes(tmp / "adapter" / "adapter_model.safetensors", save(adapter, metadata={"format": "pt"}))
+    write_bytes(tmp / "adapter" / "adapter_model.safetensors", save(adapter, metadata={"format": "pt"}))
     buffer = io.BytesIO()
     torch.save(state["trainer"], buffer)
-    _write_bytes(tmp / STATE_FILE, buffer.getvalue())
+    write_bytes(tmp / STATE_FILE, buffer.getvalue())
 
     if os.environ.get(PAUSE_STEP_ENV) == str(state["step"]):
         time.sleep(PAUSE_SECONDS)
@@ -74,13 +75,13 @@ def write_checkpoint(root: Path, state: dict[str, Any], keep: int) -> Path:
         "fingerprint": state["fingerprint"],
         "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
     }
-    _write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     for folder in (tmp / "adapter", tmp):
-        _fsync_dir(folder)
+        fsync_path(folder)
     if final.exists():  # a checkpoint of this step from an earlier attempt
         shutil.rmtree(final)
     tmp.rename(final)
-    _fsync_dir(root)
+    fsync_path(root)
     prune(root, keep)
     return final
 
@@ -148,21 +149,6 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
         "adapter": load_file(folder / "adapter" / "adapter_model.safetensors"),
         "trainer": torch.load(folder / STATE_FILE, weights_only=False),
     }
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
