@@ -125,6 +125,8 @@ class AgentService:
             resources=dict(request.resources),
             dashboard_host=request.dashboard_host or "127.0.0.1",
             interface=reach[0] if reach else None,
+            worker_slots=builders.worker_slots(
+                request.num_gpus if request.HasField("num_gpus") else None, len(hardware.gpus())),
         )
 
     def _node_status(self) -> pb.RayNodeStatus:

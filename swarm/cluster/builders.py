@@ -41,6 +41,7 @@ class RayNodeSettings:
     resources: Mapping[str, float] = field(default_factory=dict)
     dashboard_host: str = "127.0.0.1"  # head only
     interface: str | None = None  # NCCL / Gloo socket interface (reaches the head)
+    worker_slots: int = 1  # training workers it may host (see worker_slots())
 
     def __post_init__(self):
         if self.role not in (HEAD, WORKER):
@@ -108,9 +109,23 @@ def ray_start_argv(s: RayNodeSettings, python: str = sys.executable) -> list[str
         argv += ["--num-cpus", str(s.num_cpus)]
     if s.num_gpus is not None:
         argv += ["--num-gpus", str(s.num_gpus)]
-    if s.resources:
-        argv += ["--resources", json.dumps(dict(sorted(s.resources.items())))]
+    # The cluster file's resources win, so `train: false` can set the slots to 0.
+    resources = {C.WORKER_SLOT_RESOURCE: s.worker_slots, **s.resources}
+    resources = {name: amount for name, amount in resources.items() if amount}
+    if resources:
+        argv += ["--resources", json.dumps(dict(sorted(resources.items())))]
     return argv
+
+
+def worker_slots(num_gpus: int | None, detected_gpus: int) -> int:
+    """Training workers a node may host: one per GPU it gives Ray, or one without GPUs.
+
+    Args:
+        num_gpus: the GPUs the cluster file gives Ray (None: what the node has).
+        detected_gpus: the GPUs the node has.
+    """
+    gpus = detected_gpus if num_gpus is None else num_gpus
+    return max(1, gpus)
 
 
 def ray_node_env(token: str | None, interface: str | None) -> dict[str, str]:

@@ -21,6 +21,10 @@ RAY_DASHBOARD_AGENT_HTTP_PORT = 52365  # every node: per-node dashboard agent (H
 RAY_MIN_WORKER_PORT = 10002  # every node: one port per Ray worker process, in this range
 RAY_MAX_WORKER_PORT = 10999
 
+# Custom Ray resource that marks where training workers may run: a node offers one per
+# GPU, or one on a CPU-only PC, and none when the cluster file says `train: false`.
+WORKER_SLOT_RESOURCE = "swarm_worker"
+
 # Ray refuses object stores under 75 MiB; swarm never asks for less than this.
 MIN_OBJECT_STORE_BYTES = 100 * 1024**2
 

@@ -54,6 +54,7 @@ def join(head: str, secret: str | None, num_cpus: int | None = None, num_gpus: i
         role=builders.WORKER, node_ip=reach[1], head_address=head_ip, temp_dir=str(ray_temp_dir()),
         object_store_bytes=object_store_bytes or builders.default_object_store_bytes(hardware.ram_bytes()),
         num_cpus=num_cpus, num_gpus=num_gpus, interface=reach[0],
+        worker_slots=builders.worker_slots(num_gpus, len(hardware.gpus())),
     )
     node = RayNode(settings, builders.ray_node_env(secret, reach[0]), logs_dir() / "ray-join.log")
     stopping = threading.Event()

@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from swarm.cluster.client import agent_address
-from swarm.cluster.constants import MIN_OBJECT_STORE_BYTES
+from swarm.cluster.constants import MIN_OBJECT_STORE_BYTES, WORKER_SLOT_RESOURCE
 from swarm.config.loading import describe_validation_error
 from swarm.errors import UserError
 
@@ -27,6 +27,7 @@ class NodeSpec(_Section):
     num_gpus: int | None = Field(None, ge=0)
     object_store_memory: ByteSize | None = None
     resources: dict[str, float] = Field(default_factory=dict)
+    train: bool = Field(True, description="run training workers here (false: e.g. a head PC that only coordinates)")
 
     @field_validator("address")
     @classmethod
@@ -88,7 +89,8 @@ class ClusterSpec(_Section):
             "num_cpus": node.num_cpus if node.num_cpus is not None else self.ray.num_cpus,
             "num_gpus": node.num_gpus if node.num_gpus is not None else self.ray.num_gpus,
             "object_store_bytes": int(node.object_store_memory or self.ray.object_store_memory or 0),
-            "resources": {**self.ray.resources, **node.resources},
+            "resources": {**self.ray.resources, **node.resources,
+                          **({} if node.train else {WORKER_SLOT_RESOURCE: 0.0})},
         }
 
 

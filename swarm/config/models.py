@@ -77,7 +77,37 @@ class TrainSection(Section):
     eval_batches: int = Field(8, ge=1)
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (also saved on Ctrl-C/SIGTERM).")
     keep_checkpoints: int = Field(3, ge=1)
-    workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU; one per node on CPU).")
+    workers: int | Literal["auto"] = Field(
+        "auto",
+        description="Training workers. auto: every slot the swarm offers (one per GPU, or one per node on "
+        "CPU-only swarms); on a local Ray one worker (one per GPU).",
+    )
+    min_workers: int | None = Field(
+        None, ge=1,
+        description="Keep training with at least this many workers when a PC drops out (elastic); "
+        "default: as many as train.workers (a lost PC is waited for).",
+    )
+    placement: Literal["auto", "per_gpu", "per_node"] = Field(
+        "auto",
+        description="per_gpu: one worker per GPU; per_node: one worker per swarm node (CPU-only PCs); "
+        "auto: per_gpu when the swarm has GPUs. A local Ray packs its workers on this machine.",
+    )
+    strategy: Literal["auto", "replicate", "shard"] = Field(
+        "auto",
+        description="replicate: the 4-bit base on every worker, only LoRA gradients cross the network; "
+        "shard: ZeRO-3 across workers; auto: replicate when the base fits on every node.",
+    )
+    max_restarts: int = Field(3, ge=0, description="Times a failed worker group restarts from the newest checkpoint.")
+    regrow_check_s: float = Field(
+        60.0, gt=0, description="Seconds between checks for a returned PC while training with fewer workers."
+    )
+
+    @field_validator("workers")
+    @classmethod
+    def _positive_workers(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 or auto")
+        return value
 
 
 class OffloadSection(Section):
@@ -115,6 +145,12 @@ class JobConfig(Section):
             raise ValueError(
                 "offload.nvme_path is required when offload.params or offload.optimizer is nvme; "
                 "set it to a folder on a fast drive"
+            )
+        if (self.train.min_workers is not None and isinstance(self.train.workers, int)
+                and self.train.min_workers > self.train.workers):
+            raise ValueError(
+                f"train.min_workers={self.train.min_workers} is above train.workers={self.train.workers}; "
+                "lower min_workers or raise workers"
             )
         if self.offload.optimizer != "none" and self.train.optimizer != "adamw":
             raise ValueError(

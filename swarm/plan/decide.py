@@ -259,7 +259,7 @@ def make_plan(job: JobConfig, nodes: list[NodeInventory], *, link_gbps: float | 
         chosen = min(candidates, key=lambda c: c.overflow())
         reason = (f"nothing fits; closest is {chosen.strategy.label} at micro_batch {chosen.micro_batch}: "
                   f"{chosen.problem}")
-    if job.train.workers > world:
+    if isinstance(job.train.workers, int) and job.train.workers > world:
         reason = f"train.workers={job.train.workers} but the machines offer {world} workers (one per GPU)"
     if precision == "fp16":
         notes.append("a GPU without bf16 (Turing or older) makes the whole job train in fp16")
@@ -319,7 +319,8 @@ def inventory_from_cluster(insecure: bool = False) -> list[NodeInventory]:
 
 def _workers_per_node(job: JobConfig, nodes: list[NodeInventory]) -> list[int]:
     if len(nodes) == 1 and not nodes[0].gpus:
-        return [job.train.workers]  # several CPU workers on one machine: what the tests run
+        # Several CPU workers on one machine: what the tests run.
+        return [job.train.workers if isinstance(job.train.workers, int) else 1]
     return [len(n.gpus) or 1 for n in nodes]
 
 

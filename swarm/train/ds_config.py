@@ -24,7 +24,8 @@ SUB_GROUP_ELEMENTS = 100_000_000
 NVME_PARAM_BUFFER_ELEMENTS = 100_000_000  # DeepSpeed's default; raised for bigger params
 
 
-def deepspeed_config(job: JobConfig, precision: str, on_gpu: bool, largest_param: int = 0) -> dict[str, Any]:
+def deepspeed_config(job: JobConfig, precision: str, on_gpu: bool, largest_param: int = 0,
+                     strategy: str = "shard") -> dict[str, Any]:
     """Build the DeepSpeed config dict for ``job`` trained in ``precision``.
 
     ``train_batch_size`` is left out on purpose: under Ray Train DeepSpeed would check it
@@ -38,11 +39,37 @@ def deepspeed_config(job: JobConfig, precision: str, on_gpu: bool, largest_param
         largest_param: Elements of the model's largest parameter, once it is loaded. An
             NVMe swap buffer must hold a whole parameter (a 70B model's embedding has a
             billion elements), so parameter offload to NVMe sizes its buffers by it.
+        strategy: "shard" (ZeRO-3: the base is partitioned across workers, offloaded as
+            the job says) or "replicate" (ZeRO-2: every worker holds the whole 4-bit base;
+            only the LoRA gradients and weights cross the network, and the LoRA optimizer
+            state is partitioned, in CPU RAM when the job offloads the optimizer).
 
     Returns:
         A dict to pass as ``config`` to ``deepspeed.initialize``.
     """
-    train, offload = job.train, job.offload
+    if strategy == "replicate":
+        zero = _replicate_zero(job.offload.optimizer != "none", on_gpu)
+    else:
+        zero = _shard_zero(job, on_gpu, largest_param)
+    return _with_zero(job, precision, zero)
+
+
+def _replicate_zero(offload_optimizer: bool, on_gpu: bool) -> dict[str, Any]:
+    zero: dict[str, Any] = {
+        "stage": 2,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS,
+        "allgather_bucket_size": REDUCE_BUCKET_ELEMENTS,
+    }
+    if offload_optimizer:
+        # ZeRO-2 offloads the optimizer to CPU RAM only; LoRA moments are small anyway.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    return zero
+
+
+def _shard_zero(job: JobConfig, on_gpu: bool, largest_param: int) -> dict[str, Any]:
+    offload = job.offload
     zero: dict[str, Any] = {
         "stage": 3,
         "overlap_comm": True,
@@ -60,7 +87,11 @@ def deepspeed_config(job: JobConfig, precision: str, on_gpu: bool, largest_param
         zero["offload_param"] = _offload_target(offload.params, offload.nvme_path, "params", on_gpu, largest_param)
     if offload.optimizer != "none":
         zero["offload_optimizer"] = _offload_target(offload.optimizer, offload.nvme_path, "optimizer", on_gpu, 0)
+    return zero
 
+
+def _with_zero(job: JobConfig, precision: str, zero: dict[str, Any]) -> dict[str, Any]:
+    train = job.train
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch,
         "gradient_accumulation_steps": train.grad_accum,
@@ -89,7 +120,7 @@ def deepspeed_config(job: JobConfig, precision: str, on_gpu: bool, largest_param
         # 8-bit AdamW and Adafactor are client optimizers that DeepSpeed has not certified
         # for ZeRO; they are safe here because only the (unsharded-size) LoRA weights train.
         config["zero_allow_untested_optimizer"] = True
-    if "nvme" in (offload.params, offload.optimizer):
+    if "nvme" in (zero.get("offload_param", {}).get("device"), zero.get("offload_optimizer", {}).get("device")):
         config["aio"] = {
             "block_size": 1_048_576,
             "queue_depth": 8,

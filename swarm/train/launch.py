@@ -27,7 +27,10 @@ from swarm.errors import UserError
 from swarm.train import checkpoint
 from swarm.train import resume as resume_rules
 from swarm.train.progress import ProgressRecorder
-from swarm.train.runtime import cuda_available, prepare_process_env
+from swarm.train.runtime import prepare_process_env
+
+# A hung collective (a PC gone mid-step) fails after this long, not after torch's 30 minutes.
+COLLECTIVE_TIMEOUT_S = 300
 
 
 def train(job: JobConfig, resume: str | bool | None = None) -> Path:
@@ -39,18 +42,17 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
             its newest intact checkpoint; a path to a run or checkpoint folder.
     """
     prepare_process_env()
+    if job.ray.address:
+        # Ray reads its token variables once, when it is first imported (the tokenizer and
+        # data libraries may import it): set them first.
+        os.environ.update(swarm_client_env())
     job = with_absolute_paths(job)
     check_model_source(job)
     check_offload_folder(job)
-    plan = check_plan(job)
-    if plan is not None and plan.micro_batch != job.train.micro_batch:
-        print(
-            f"plan: micro_batch {job.train.micro_batch} does not fit; training with micro_batch "
-            f"{plan.micro_batch} x grad_accum {plan.grad_accum} (the same samples per step)",
-            file=sys.stderr,
-        )
-        job = job.model_copy(update={"train": job.train.model_copy(
-            update={"micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum})})
+    if not job.ray.address:
+        # A local run is placed and planned before Ray starts: a refusal costs nothing.
+        placement, choice, plan = decide_layout(job, None)
+        job = with_planned_batch(job, plan)
     tokenizer = load_tokenizer(job)
     from swarm.train.data import prepare_data
 
@@ -59,28 +61,23 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
         raise UserError(f"data.files: no training blocks were made from {', '.join(job.data.files)}")
     fingerprint = resume_rules.fingerprint(job, prepared.stats.sha256)
 
-    resume_state = None
-    if resume:
-        given = resume if isinstance(resume, str) else None
-        run_dir = resume_rules.find_run_dir(job, given)
-        source = resume_rules.pick_checkpoint(run_dir, given, report=lambda line: print(line, file=sys.stderr))
-        resume_state = checkpoint.load_checkpoint(source)
-        resume_rules.check_compatible(resume_state["manifest"]["fingerprint"], fingerprint, source)
-        trim_metrics(run_dir / "metrics.jsonl", resume_state["manifest"]["step"])
-        print(f"resuming {run_dir} from step {resume_state['manifest']['step']}", file=sys.stderr)
-    else:
-        run_dir = create_run_dir(job)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
-    if plan is not None:
-        (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-    tokenizer.save_pretrained(run_dir / "tokenizer")
-
-    started = dt.datetime.now(dt.timezone.utc)
     with (session := ray_session(job)) as dashboard_url:
+        if job.ray.address:
+            # A swarm is asked what it offers; refusals still come before any weight is read.
+            placement, choice, plan = decide_layout(job, survey_cluster_nodes())
+            job = with_planned_batch(job, plan)
+        print(f"workers: {placement.describe()}", file=sys.stderr)
+        print(f"strategy: {choice.name} ({choice.reason})", file=sys.stderr)
+        run_dir, resume_state = open_run_dir(job, resume, fingerprint)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+        if plan is not None:
+            (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+        started = dt.datetime.now(dt.timezone.utc)
         recorder = ProgressRecorder(run_dir, job, dashboard_url, status_job_id=session.job_id)
-        fit(job, pack_arrays(prepared), recorder, fingerprint, resume_state)
+        fit(job, pack_arrays(prepared), recorder, fingerprint, resume_state, placement, choice)
     finished = dt.datetime.now(dt.timezone.utc)
-    write_run_summary(run_dir, job, recorder, prepared.stats, started, finished)
+    write_run_summary(run_dir, job, recorder, prepared.stats, started, finished, choice)
     if recorder.stopped_at is not None:
         print(
             f"stopped at step {recorder.stopped_at}; continue with: swarm train JOB --resume {run_dir}",
@@ -89,25 +86,101 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
     return run_dir
 
 
-def check_plan(job: JobConfig):
-    """Refuse, before anything is loaded, a job that the planner says does not fit here.
+def open_run_dir(job: JobConfig, resume: str | bool | None, fingerprint: dict) -> tuple[Path, dict | None]:
+    """A new run folder, or the run and checkpoint to resume (checked against ``fingerprint``)."""
+    if not resume:
+        return create_run_dir(job), None
+    given = resume if isinstance(resume, str) else None
+    run_dir = resume_rules.find_run_dir(job, given)
+    source = resume_rules.pick_checkpoint(run_dir, given, report=lambda line: print(line, file=sys.stderr))
+    resume_state = checkpoint.load_checkpoint(source)
+    resume_rules.check_compatible(resume_state["manifest"]["fingerprint"], fingerprint, source)
+    trim_metrics(run_dir / "metrics.jsonl", resume_state["manifest"]["step"])
+    print(f"resuming {run_dir} from step {resume_state['manifest']['step']}", file=sys.stderr)
+    return run_dir, resume_state
 
-    swarm trains with ZeRO-3 and the job's offload settings, so that is the strategy
-    checked. A model whose shape cannot be known without a download is not planned.
+
+def survey_cluster_nodes():
+    from swarm.train.placement import survey_cluster
+
+    return survey_cluster()
+
+
+def decide_layout(job: JobConfig, nodes):
+    """Placement, strategy and memory plan, or a one-line refusal.
+
+    Args:
+        nodes: the swarm's live nodes, or None for a Ray started for this run.
+
+    Returns:
+        ``(placement, strategy choice, plan)``; the plan is None when the model's shape
+        cannot be known without a download.
     """
-    from swarm.plan import Strategy, local_inventory, make_plan
+    from swarm.plan import local_inventory
+    from swarm.train.placement import choose_strategy, node_inventories, place_workers, zero_strategy
 
-    if job.ray.address:  # another cluster: its nodes are planned by `swarm plan --cluster`
-        return None
-    strategy = Strategy(3, job.offload.params, job.offload.optimizer)
+    placement = place_workers(job, nodes, local_gpus=local_gpu_count())
+    if nodes is None:
+        inventories = [local_inventory(job.offload.nvme_path)]
+    else:
+        inventories = node_inventories(nodes, job.offload.nvme_path)
+    plans: dict[str, Any] = {}
+
+    def plan_for(name: str):
+        if name not in plans:
+            plans[name] = plan_or_none(job, inventories, zero_strategy(job, name))
+        return plans[name]
+
+    def fits_replicated() -> tuple[bool, str]:
+        plan = plan_for("replicate")
+        if plan is None:
+            return False, "its size is unknown"
+        if not plan.fits:
+            return False, plan.reason
+        tightest = max(plan.nodes, key=_fullness)
+        used, limit = ((tightest.gpu_bytes, tightest.gpu_capacity) if tightest.gpu_capacity
+                       else (tightest.ram_bytes, tightest.ram_limit))
+        return True, f"tightest: {tightest.name} at {used / 1024**3:.1f} of {limit / 1024**3:.1f} GiB"
+
+    choice = choose_strategy(job, placement.max_workers, fits_replicated)
+    plan = plan_for(choice.name)
+    if plan is not None and not plan.fits:
+        raise UserError(f"this job does not fit: {plan.reason}; `swarm plan JOB` shows the figures")
+    return placement, choice, plan
+
+
+def _fullness(node) -> float:
+    return node.gpu_bytes / node.gpu_capacity if node.gpu_capacity else node.ram_bytes / node.ram_limit
+
+
+def plan_or_none(job: JobConfig, inventories: list, strategy):
+    """The planner's figures for ``strategy`` on these machines; None when the shape is unknown."""
+    from swarm.plan import make_plan
+
     try:
-        plan = make_plan(job, [local_inventory(job.offload.nvme_path)], strategies=[strategy])
+        return make_plan(job, inventories, strategies=[strategy])
     except UserError as exc:
         print(f"warning: no memory plan for this job ({exc})", file=sys.stderr)
         return None
-    if not plan.fits:
-        raise UserError(f"this job does not fit this machine: {plan.reason}; `swarm plan JOB` shows the figures")
-    return plan
+
+
+def with_planned_batch(job: JobConfig, plan) -> JobConfig:
+    """The job with the plan's micro-batch when the job's does not fit (same samples per step)."""
+    if plan is None or plan.micro_batch == job.train.micro_batch:
+        return job
+    print(
+        f"plan: micro_batch {job.train.micro_batch} does not fit; training with micro_batch "
+        f"{plan.micro_batch} x grad_accum {plan.grad_accum} (the same samples per step)",
+        file=sys.stderr,
+    )
+    return job.model_copy(update={"train": job.train.model_copy(
+        update={"micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum})})
+
+
+def local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -222,11 +295,9 @@ class ray_session:
         settings = self.job.ray
         self.job_id = None
         if settings.address:
-            attach_env = swarm_client_env()
-            os.environ.update(attach_env)
             context = ray.init(address=settings.address, log_to_driver=False, logging_level="ERROR")
             # `swarm status` shows this job's step and loss under its Ray job id.
-            self.job_id = ray.get_runtime_context().get_job_id() if attach_env else None
+            self.job_id = ray.get_runtime_context().get_job_id() if "RAY_AUTH_MODE" in os.environ else None
         else:
             context = ray.init(
                 address="local",
@@ -261,45 +332,52 @@ def swarm_client_env() -> dict[str, str]:
         return {}
 
 
-def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder, fingerprint: dict, resume_state) -> None:
+def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder, fingerprint: dict, resume_state,
+        placement, choice) -> None:
     """Run the Ray Train workers and feed their messages to ``recorder``.
 
-    The first Ctrl-C or SIGTERM asks the workers to finish the current step, save a
-    checkpoint and stop; a second one aborts at once.
+    A worker group that fails (a PC dropped out) is restarted by Ray Train from the newest
+    checkpoint, with fewer workers when the job allows (``train.min_workers``), and grows
+    back when the PC returns. The first Ctrl-C or SIGTERM asks the workers to finish the
+    current step, save a checkpoint and stop; a second one aborts at once.
     """
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Queue
 
+    from swarm.train.failures import FailureNotes
     from swarm.train.loop import train_loop_per_worker
+    from swarm.train.mailbox import start_mailbox
 
-    sink, control = Queue(), Queue()
-    use_gpu = cuda_available()
+    mailbox = start_mailbox(resume_state)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "job": job.model_dump(mode="json"),
             "data": ray.put(arrays),
-            "sink": sink,
-            "control": control,
+            "mailbox": mailbox,
             "fingerprint": fingerprint,
-            "resume": ray.put(resume_state) if resume_state is not None else None,
+            "strategy": choice.name,
+            # Bytes sent are counted on a swarm's interfaces; a local run sends none.
+            "count_sent_bytes": placement.mode != "local",
         },
         scaling_config=ScalingConfig(
-            num_workers=job.train.workers,
-            use_gpu=use_gpu,
-            # A token CPU reservation (Ray needs one non-zero resource): a desktop's cores
-            # are shared among its workers, not carved up.
-            resources_per_worker={"CPU": 0.01, "GPU": 1} if use_gpu else {"CPU": 0.01},
+            num_workers=placement.num_workers,
+            use_gpu=placement.use_gpu,
+            resources_per_worker=placement.resources_per_worker,
+            elastic_resize_monitor_interval_s=job.train.regrow_check_s,
         ),
         # A hung collective should fail in minutes, not after torch's 30-minute default.
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=300),
+        torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo", timeout_s=COLLECTIVE_TIMEOUT_S),
         # Ray Train keeps only bookkeeping here; swarm writes checkpoints itself.
-        run_config=RunConfig(name=".ray", storage_path=str(recorder.run_dir.resolve())),
+        run_config=RunConfig(
+            name=".ray", storage_path=str(recorder.run_dir.resolve()),
+            failure_config=FailureConfig(max_failures=job.train.max_restarts),
+            callbacks=[FailureNotes(mailbox)],
+        ),
     )
     stop = threading.Event()
-    reader = threading.Thread(target=recorder.consume, args=(sink, stop), daemon=True)
+    reader = threading.Thread(target=recorder.consume, args=(mailbox, stop), daemon=True)
     reader.start()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -308,7 +386,7 @@ def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder, fing
             raise KeyboardInterrupt
         recorder.stop_requested = True
         recorder.note("stopping after this step and saving a checkpoint (press Ctrl-C again to abort)")
-        control.put_nowait("stop")
+        mailbox.request_stop.remote()
 
     for sig in previous:
         signal.signal(sig, request_stop)
@@ -341,7 +419,8 @@ def user_error_from(exc: BaseException) -> UserError | None:
     return None
 
 
-def write_run_summary(run_dir: Path, job: JobConfig, recorder: ProgressRecorder, stats, started, finished) -> None:
+def write_run_summary(run_dir: Path, job: JobConfig, recorder: ProgressRecorder, stats, started, finished,
+                      choice) -> None:
     """run.json: what the model card and later tools need to know about this run.
 
     A resumed run keeps its first start and adds this session's wall time to the earlier ones.
@@ -360,12 +439,7 @@ def write_run_summary(run_dir: Path, job: JobConfig, recorder: ProgressRecorder,
         "finished": finished.isoformat(timespec="seconds"),
         "wall_time_s": round(earlier_s + (finished - started).total_seconds(), 1),
         **recorder.summary(),
-        "strategy": {
-            "name": "zero3",
-            "zero_stage": 3,
-            "offload_params": job.offload.params,
-            "offload_optimizer": job.offload.optimizer,
-        },
+        "strategy": choice.to_dict(),
         "data": {"format": job.data.format, **vars(stats)},
         "stopped": recorder.stopped_at is not None,
     }

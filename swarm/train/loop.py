@@ -2,8 +2,9 @@
 
 Each worker loads the 4-bit base with LoRA, initialises DeepSpeed with the config built
 from the job, and steps through its share of the packed blocks. Rank 0 talks to the
-driver through ``sink`` (a Ray queue): metrics as they happen, and the gathered adapter at
-the end. Nothing is written to disk here, so workers need no shared drive.
+driver through its mailbox (``swarm.train.mailbox``): metrics as they happen, checkpoints
+and the gathered adapter at the end. Nothing is written to disk here, so workers need no
+shared drive.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from typing import Any
 
 from swarm.config.models import JobConfig
+from swarm.train.mailbox import pack, unpack
 from swarm.train.runtime import cpu_flags, prepare_process_env
 
 
@@ -50,34 +52,33 @@ def client_optimizer(job: JobConfig, params):
 
 
 class DriverLink:
-    """Rank 0's line to the driver, built so that a training step never waits on it.
+    """Rank 0's line to the driver (a ``swarm.train.mailbox`` actor), built so that a
+    training step never waits on it.
 
     Metrics go out fire-and-forget; the stop request is polled with a probe that is
     read only once Ray has its answer. Checkpoints and the final adapter use ``deliver``,
-    which waits until the driver's queue holds them.
+    which waits until the mailbox holds them.
     """
 
-    def __init__(self, sink, control):
+    def __init__(self, mailbox):
         import ray
 
-        self._ray, self.sink, self.control = ray, sink, control
-        self._stop_probe = control.actor.empty.remote() if control is not None else None
+        self._ray, self.mailbox = ray, mailbox
+        self._stop_probe = mailbox.stop_requested.remote()
 
     def send(self, message: dict) -> None:
-        self.sink.actor.put_nowait.remote(message)
+        self.mailbox.send.remote(pack(message))
 
     def deliver(self, message: dict) -> None:
-        self.sink.put(message)
+        self._ray.get(self.mailbox.deliver.remote(pack(message), message["kind"] == "checkpoint"))
 
     def stop_requested(self) -> bool:
-        if self._stop_probe is None:
-            return False
         ready, _ = self._ray.wait([self._stop_probe], timeout=0)
         if not ready:
             return False
-        empty = self._ray.get(self._stop_probe)
-        self._stop_probe = self.control.actor.empty.remote()
-        return not empty
+        stop = self._ray.get(self._stop_probe)
+        self._stop_probe = self.mailbox.stop_requested.remote()
+        return stop
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -85,9 +86,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     Args:
         cfg: ``job`` (the job as a dict), ``data`` (ref to the packed blocks as numpy
-            arrays), ``sink`` (a ``ray.util.queue.Queue`` to the driver), ``control`` (a
-            queue the driver puts a stop request in), ``resume`` (ref to a loaded
-            checkpoint, or None) and ``fingerprint`` (what this run trains).
+            arrays), ``mailbox`` (the driver's ``Mailbox`` actor, which also holds the
+            checkpoint to start from, if any), ``fingerprint`` (what this run trains),
+            ``strategy`` ("replicate" or "shard") and ``count_sent_bytes`` (report the
+            bytes each worker's PC sent per step; a swarm run).
+
+    Ray Train calls it again on a new worker group after a failure or a resize; it then
+    continues from the newest checkpoint the mailbox holds.
     """
     prepare_process_env()
     import deepspeed
@@ -104,9 +109,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     job = JobConfig.model_validate(cfg["job"])
-    link = DriverLink(cfg["sink"], cfg.get("control")) if rank == 0 else None
+    link = DriverLink(cfg["mailbox"]) if rank == 0 else None
     data = ray.get(cfg["data"])
-    resume = ray.get(cfg["resume"]) if cfg.get("resume") is not None else None
+    packed_resume = ray.get(cfg["mailbox"].resume_state.remote())
+    resume = unpack(packed_resume) if packed_resume is not None else None
+    strategy = cfg["strategy"]
+    counting = bool(cfg.get("count_sent_bytes"))
+    sent_bytes = sent_bytes_counter() if counting else (lambda: 0)
 
     on_gpu = torch.cuda.is_available()
     if on_gpu:
@@ -120,13 +129,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     precision = resolve_precision(
         job.train.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported(), cpu_flags()
     )
-    ds_config = deepspeed_config(job, precision, on_gpu)
+    ds_config = deepspeed_config(job, precision, on_gpu, strategy=strategy)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 
     torch.manual_seed(job.train.seed)
     model, _hf_ds_config = load_model(job, precision, ds_config, device)
     largest = max(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: partitioned
-    ds_config = deepspeed_config(job, precision, on_gpu, largest_param=largest)
+    ds_config = deepspeed_config(job, precision, on_gpu, largest_param=largest, strategy=strategy)
     named = trainable_parameters(model)
     if resume is not None:
         # Before DeepSpeed wraps them, the LoRA weights are plain tensors on every rank.
@@ -149,7 +158,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if link is not None:
         link.deliver({
             "kind": "start", "world_size": world, "precision": precision, "start_step": start_step,
-            "max_steps": job.train.max_steps, "hosts": hosts,
+            "max_steps": job.train.max_steps, "hosts": hosts, "strategy": strategy,
             "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in params),
         })
 
@@ -173,7 +182,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     engine.train()
     for step in range(start_step, job.train.max_steps):
-        started = time.perf_counter()
+        started, sent_before = time.perf_counter(), sent_bytes()
         loss_sum = torch.zeros((), device=device)
         tokens = 0
         for micro in range(ga):
@@ -188,7 +197,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         # Rank 0 alone asks the driver whether to stop; the answer rides on the one
         # all-reduce each step already makes, so every rank stops at the same step.
         stop = 1.0 if link is not None and link.stop_requested() else 0.0
-        totals = torch.tensor([loss_sum.item() / ga, tokens, stop], dtype=torch.float64, device=device)
+        sent = sent_bytes() - sent_before
+        totals = torch.tensor([loss_sum.item() / ga, tokens, stop, sent], dtype=torch.float64, device=device)
         dist.all_reduce(totals)
         elapsed = time.perf_counter() - started
         done = step + 1
@@ -199,6 +209,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 "lr": scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine),
                 "tokens": int(totals[1].item()), "tokens_per_s": totals[1].item() / elapsed,
                 "step_time_s": elapsed, **_memory_figures(on_gpu),
+                **({"sent_bytes_per_worker": round(totals[3].item() / world)} if counting else {}),
             })
         if data["eval_input_ids"] is not None and (done % job.train.eval_every == 0 or last):
             eval_loss = evaluate(engine, data, job, rank, world, batch)
@@ -336,12 +347,18 @@ def _create_optimizer_state(engine, step: int) -> None:
     zero = engine.optimizer
     inner = zero.optimizer
     tensor_step = isinstance(inner, torch.optim.Optimizer) and type(inner).__module__.startswith("torch.optim")
-    for flat in zero.fp32_partitioned_groups_flat:
+    # ZeRO-3 and ZeRO-2 name their flat fp32 partitions differently.
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
+    for flat in flats:
         state = inner.state[flat]
         for key in MOMENT_KEYS:
             if key not in state:
                 state[key] = torch.zeros_like(flat)
         state["step"] = torch.tensor(float(step)) if tensor_step else step
+    # ZeRO-2 maps each parameter onto its slice of the state when the state first
+    # exists (normally after the first step); map it now, so the setters can write.
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._lazy_init_hp_params_optimizer_state()
 
 
 def restore_trainer_state(engine, scheduler, named, resume: dict) -> tuple[int, int]:
@@ -404,4 +421,34 @@ def _host_facts(on_gpu: bool) -> dict:
     if on_gpu:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         gpus.append({"name": props.name, "vram_bytes": props.total_memory})
-    return {"hostname": platform.node(), "gpus": gpus, "ram_bytes": psutil.virtual_memory().total}
+    import ray
+
+    return {
+        "hostname": platform.node(), "address": ray.util.get_node_ip_address(), "gpus": gpus,
+        "ram_bytes": psutil.virtual_memory().total,
+    }
+
+
+def sent_bytes_counter():
+    """A function giving the bytes this host has sent on the training interface so far.
+
+    The interface is the one the collectives use: the one the node's agent named for gloo/NCCL (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``, set
+    on every swarm node), else the one holding this node's address. The count is the
+    host's (a home PC runs one worker per GPU, whose traffic it adds up), and it includes
+    the little that Ray itself sends.
+    """
+    import psutil
+    import ray
+
+    name = os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("NCCL_SOCKET_IFNAME")
+    if not name:
+        address = ray.util.get_node_ip_address()
+        name = next(
+            (nic for nic, addrs in psutil.net_if_addrs().items() if any(a.address == address for a in addrs)), None
+        )
+
+    def sent() -> int:
+        counters = psutil.net_io_counters(pernic=True).get(name) if name else None
+        return counters.bytes_sent if counters else 0
+
+    return sent

@@ -1,13 +1,12 @@
 """Driver side: turn the workers' messages into a progress bar, metrics.jsonl and files.
 
-Rank 0 sends plain dicts through a Ray queue (see ``swarm.train.loop``); this module is
-their only reader. It runs in a thread of the driver while ``TorchTrainer.fit`` blocks.
+Rank 0 sends plain dicts through the run's mailbox (see ``swarm.train.mailbox``); this
+module is their only reader. It runs in a thread of the driver while ``TorchTrainer.fit`` blocks.
 """
 
 from __future__ import annotations
 
 import json
-import queue
 import shutil
 import sys
 import threading
@@ -43,6 +42,7 @@ class ProgressRecorder:
         self.stop_requested = False
         self.stopped_at: int | None = None
         self.checkpoints: list[Path] = []
+        self.restarts: list[dict] = []
         self._last_plain = 0.0
         self._progress: Progress | None = None
         self._task = None
@@ -52,18 +52,18 @@ class ProgressRecorder:
 
     # -- messages ---------------------------------------------------------------------
 
-    def consume(self, sink, stop: threading.Event) -> None:
-        """Read messages until ``stop`` is set and the queue is drained."""
-        from ray.util.queue import Empty
+    def consume(self, mailbox, stop: threading.Event) -> None:
+        """Read the mailbox's messages until ``stop`` is set and it is drained."""
+        import ray
+
+        from swarm.train.mailbox import unpack
 
         while True:
-            try:
-                message = sink.get(timeout=0.5)
-            except (Empty, queue.Empty):
-                if stop.is_set():
-                    return
-                continue
-            self.handle(message)
+            taken = ray.get(mailbox.take.remote(0.5))
+            for message in taken:
+                self.handle(unpack(message))
+            if not taken and stop.is_set():
+                return
 
     def handle(self, message: dict) -> None:
         kind = message.pop("kind")
@@ -71,8 +71,22 @@ class ProgressRecorder:
             getattr(self, f"_on_{kind}")(message)
 
     def _on_start(self, message: dict) -> None:
+        restarted = bool(self.start)
         self.start = message
-        hosts = ", ".join(sorted({h["hostname"] for h in message["hosts"]}))
+        hosts = ", ".join(sorted({h.get("address") or h["hostname"] for h in message["hosts"]}))
+        if restarted:
+            # Ray Train started a new worker group (a PC dropped out or came back); it
+            # continues from the newest checkpoint, so later steps are logged again.
+            self.restarts.append({
+                "last_step": self.last_step.get("step", 0), "resumed_step": message["start_step"],
+                "world_size": message["world_size"], "hosts": sorted({h.get("address") or h["hostname"] for h in message["hosts"]}),
+            })
+            self._trim_metrics(message["start_step"])
+            self.note(f"workers restarted: {message['world_size']} worker(s) on {hosts}, "
+                      f"continuing from step {message['start_step']}")
+            if self._progress is not None:
+                self._progress.update(self._task, completed=message["start_step"])
+            return
         self.console.print(
             f"training {self.job.model.path}: {message['world_size']} worker(s) on {hosts}, "
             f"{message['precision']}, {message['trainable_params']:,} trainable parameters",
@@ -110,6 +124,9 @@ class ProgressRecorder:
         self.checkpoints.append(folder)
         self.note(f"checkpoint: {folder}")
 
+    def _on_note(self, message: dict) -> None:
+        self.note(message["text"])
+
     def _on_stopped(self, message: dict) -> None:
         self.stopped_at = message["step"]
 
@@ -125,6 +142,15 @@ class ProgressRecorder:
             self._progress.console.print(line, soft_wrap=True)
         else:
             print(line, file=sys.stderr, flush=True)
+
+    def _trim_metrics(self, step: int) -> None:
+        """Forget what was logged after ``step``: those steps are trained again."""
+        self.metrics_file.close()
+        path = self.metrics_file.name
+        kept = [r for r in map(json.loads, Path(path).read_text().splitlines()) if r.get("step", 0) <= step]
+        Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.metrics_file = open(path, "a")
+        self.total_tokens = sum(r.get("tokens", 0) for r in kept)
 
     def _write_metrics(self, record: dict) -> None:
         self.metrics_file.write(json.dumps(record) + "\n")
@@ -162,6 +188,7 @@ class ProgressRecorder:
             "train_loss": self.last_step.get("loss"),
             "eval_loss": self.last_eval,
             "world_size": self.start.get("world_size"),
+            "restarts": self.restarts,
             "precision": self.start.get("precision"),
             "trainable_params": self.start.get("trainable_params"),
             "hardware": {"nodes": _nodes(self.start.get("hosts", []))},
@@ -169,11 +196,14 @@ class ProgressRecorder:
 
 
 def _nodes(hosts: list[dict]) -> list[dict]:
-    """One entry per machine, with the GPUs of all its workers."""
+    """One entry per machine (by its address), with the GPUs of all its workers."""
     nodes: dict[str, dict] = {}
     for host in hosts:
-        node = nodes.setdefault(host["hostname"], {"hostname": host["hostname"], "gpus": [], "ram_bytes": host["ram_bytes"]})
+        key = host.get("address") or host["hostname"]
+        node = nodes.setdefault(key, {"hostname": host["hostname"], "address": host.get("address"), "gpus": [],
+                                      "ram_bytes": host["ram_bytes"], "workers": 0})
         node["gpus"] += host["gpus"]
+        node["workers"] += 1
     return list(nodes.values())
 
 

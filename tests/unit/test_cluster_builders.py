@@ -9,7 +9,7 @@ import pytest
 from swarm.cluster import constants as C
 from swarm.cluster.builders import (
     HEAD, WORKER, RayNodeSettings, child_env, choose_interface, dashboard_url, default_object_store_bytes,
-    gcs_address, ray_node_env, ray_start_argv, version_mismatches,
+    gcs_address, ray_node_env, ray_start_argv, version_mismatches, worker_slots,
 )
 
 MIB = 1024**2
@@ -41,7 +41,9 @@ def test_worker_argv_joins_the_head_with_pinned_ports_and_no_dashboard():
     # Head-only flags make `ray start` abort on a worker.
     for head_only in ("--head", "--port", "--include-dashboard", "--dashboard-host", "--dashboard-port"):
         assert head_only not in argv
-    assert "--num-gpus" not in argv and "--resources" not in argv
+    assert "--num-gpus" not in argv
+    # One training worker slot by default (a CPU-only PC hosts one worker).
+    assert json.loads(flag(argv, "--resources")) == {C.WORKER_SLOT_RESOURCE: 1}
 
 
 def test_head_argv_pins_gcs_dashboard_and_client_ports():
@@ -54,8 +56,16 @@ def test_head_argv_pins_gcs_dashboard_and_client_ports():
     assert flag(argv, "--include-dashboard") == "true"
     assert flag(argv, "--ray-client-server-port") == "10001"
     assert flag(argv, "--num-gpus") == "2"
-    assert json.loads(flag(argv, "--resources")) == {"a": 2.0, "b": 1.0}
-    assert flag(argv, "--resources") == '{"a": 2.0, "b": 1.0}'  # sorted: same settings, same argv
+    assert json.loads(flag(argv, "--resources")) == {"a": 2.0, "b": 1.0, C.WORKER_SLOT_RESOURCE: 1}
+    assert flag(argv, "--resources") == '{"a": 2.0, "b": 1.0, "swarm_worker": 1}'  # sorted: same settings, same argv
+
+
+def test_worker_slots_one_per_gpu_or_one_without_and_none_when_the_node_does_not_train():
+    assert worker_slots(None, detected_gpus=2) == 2
+    assert worker_slots(1, detected_gpus=2) == 1  # the cluster file gives Ray one GPU
+    assert worker_slots(None, detected_gpus=0) == 1
+    s = settings(role=HEAD, node_ip="198.18.0.1", worker_slots=1, resources={C.WORKER_SLOT_RESOURCE: 0.0})
+    assert "--resources" not in ray_start_argv(s, python="/py")  # `train: false` in the cluster file
 
 
 def test_settings_refuse_nonsense():

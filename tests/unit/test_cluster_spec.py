@@ -32,6 +32,12 @@ def test_node_settings_override_cluster_defaults():
     assert by_address["192.168.1.11"].agent_address == "192.168.1.11:7077"
 
 
+def test_a_node_with_train_false_offers_no_worker_slot():
+    lab = load_cluster_spec(next(p for p in CONFIGS if p.name == "cluster-lab.yaml"))
+    assert lab.merged(lab.head)["resources"] == {"swarm_worker": 0.0}
+    assert lab.merged(lab.workers[0])["resources"] == {}  # the agent offers one per GPU, or one
+
+
 @pytest.mark.parametrize("text, message", [
     ("head: {address: pc1}", "head.address: must be an IPv4 address"),
     ("head: {address: 10.0.0.1}\nworkers: [{address: 10.0.0.1}]", "listed twice"),

@@ -64,3 +64,15 @@ def test_optimizers():
 )
 def test_precision(requested, cuda, bf16, flags, expected):
     assert resolve_precision(requested, cuda, bf16, flags) == expected
+
+
+def test_replicate_keeps_the_base_whole_with_zero2_and_optimizer_in_cpu_ram_at_most():
+    offloaded = job(offload={"params": "nvme", "optimizer": "nvme", "nvme_path": "/nvme"})
+    cfg = deepspeed_config(offloaded, "bf16", on_gpu=True, strategy="replicate")
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == 2 and "offload_param" not in zero
+    # ZeRO-2 offloads the optimizer to CPU RAM only; LoRA moments need nothing more.
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert "aio" not in cfg and not any(k.startswith("stage3") for k in zero)
+    plain = deepspeed_config(job(), "fp32", on_gpu=False, strategy="replicate")["zero_optimization"]
+    assert plain["stage"] == 2 and "offload_optimizer" not in plain

@@ -1,0 +1,136 @@
+"""Train one tiny QLoRA job on namespace "PCs" joined by a slow, shaped link: strategies and scaling.
+
+Run as root on Linux (needs `ip` and `tc`, Debian's iproute2):
+    python tests/bench/bench_swarm_train.py [--rate 100mbit] [--steps 20]
+
+One lab (configs/cluster-lab.yaml: a head that only coordinates, two worker hosts) is brought
+up; every host's link is shaped with `tc` (token bucket at --rate, plus --delay of latency,
+like a home LAN or Wi-Fi). The same job then runs three times: replicated on both worker
+hosts, sharded (ZeRO-3) on both, and on one host alone. For each run it prints the median
+step time, the bytes each worker's PC sent per step (from the run's metrics), and the
+throughput; then the throughput of two hosts against one. It prints figures; it does not pass
+or fail on them. Both worker hosts share this machine's cores, so two hosts cannot beat one
+here on compute; the figures show what the link costs each strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "cluster-lab.yaml"
+DEMO_TEXT = REPO / "configs" / "data" / "demo.txt"
+sys.path.insert(0, str(REPO))
+
+sys.path.insert(0, str(REPO / "tests" / "bench"))
+
+from bench_up import wait_healthy  # noqa: E402
+
+from swarm.cluster.netlab import NetLab  # noqa: E402
+
+
+def shape(lab: NetLab, rate: str, delay: str) -> None:
+    """Shape every host's outgoing traffic: netem adds latency, a token bucket caps the rate."""
+    for host in (1, 2, 3):
+        lab.run(host, ["tc", "qdisc", "add", "dev", "lan0", "root", "handle", "1:", "netem", "delay", delay])
+        r = lab.run(host, ["tc", "qdisc", "add", "dev", "lan0", "parent", "1:1", "handle", "10:", "tbf",
+                           "rate", rate, "burst", "64kb", "latency", "100ms"])
+        if r.returncode != 0:
+            raise SystemExit(f"tc failed on host {host}: {r.stderr}")
+
+
+def job_file(folder: Path, model: Path, steps: int, **train) -> Path:
+    job = {
+        "model": {"path": str(model)},
+        "quantization": {"bits": 4},
+        "lora": {"r": 16, "alpha": 32},
+        "data": {"files": [str(DEMO_TEXT)], "format": "text", "seq_len": 128, "eval_fraction": 0.1},
+        "train": {"max_steps": steps, "micro_batch": 2, "grad_accum": 1, "lr": 5e-3, "warmup_steps": 2,
+                  "log_every": 1, "eval_every": 10_000, "checkpoint_every": 10_000, **train},
+        "offload": {"params": "cpu", "optimizer": "cpu"},
+        "output": {"dir": str(folder / "runs")},
+        "ray": {"address": "198.18.0.1:6379", "object_store_mb": 100},
+    }
+    path = folder / f"job-{len(list(folder.glob('job-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def run(lab: NetLab, job: Path) -> dict:
+    result = lab.swarm(1, "train", str(job), timeout=1800)
+    if result.returncode != 0:
+        raise SystemExit(f"swarm train failed:\n{result.stderr[-4000:]}")
+    run_dir = Path(result.stdout.strip().splitlines()[-1].removeprefix("run: "))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r][2:]  # the first steps include warm-up work
+    summary = json.loads((run_dir / "run.json").read_text())
+    step_s = statistics.median(r["step_time_s"] for r in steps)
+    return {
+        "strategy": summary["strategy"]["name"],
+        "workers": summary["world_size"],
+        "step_s": step_s,
+        "sent_mb": statistics.median(r["sent_bytes_per_worker"] for r in steps) / 1e6,
+        "tokens_per_s": statistics.median(r["tokens"] for r in steps) / step_s,
+        "loss": summary["train_loss"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", default="100mbit", help="link rate per host (tc syntax), default 100mbit")
+    parser.add_argument("--delay", default="2ms", help="added one-way latency, default 2ms")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the lab makes network namespaces")
+    from swarm.tiny import make_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench-swarm-"))
+    model = make_tiny_model(work / "tiny-llama", [DEMO_TEXT], hidden=256, layers=4)
+    print(f"tiny Llama (hidden 256, 4 layers), QLoRA r16, seq 128, micro-batch 2; link {args.rate} + {args.delay} "
+          f"per host; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    results = []
+    with NetLab(3) as lab:
+        lab.swarm(1, "init")
+        for host in (2, 3):
+            shutil.copy2(lab.home(1) / "secret", lab.home(host) / "secret")
+        for host in (1, 2, 3):
+            lab.popen(host, [sys.executable, "-m", "swarm", "agent", "--listen", f"{lab.address(host)}:7077"],
+                      lab.root / f"agent-h{host}.log")
+        for host in (1, 2, 3):
+            wait_healthy(lab, host)
+        up = lab.swarm(1, "up", str(CONFIG), timeout=600)
+        if up.returncode != 0:
+            raise SystemExit(f"swarm up failed:\n{up.stdout}\n{up.stderr}")
+        shape(lab, args.rate, args.delay)
+        for train in ({"strategy": "replicate"}, {"strategy": "shard"}, {"workers": 1}):
+            results.append(run(lab, job_file(work, model, args.steps, **train)))
+            r = results[-1]
+            print(f"  {r['strategy']:9s} {r['workers']} host(s): step {r['step_s']:.2f} s, "
+                  f"sent {r['sent_mb']:.2f} MB/step/worker, {r['tokens_per_s']:.0f} tok/s, loss {r['loss']:.3f}",
+                  flush=True)
+        lab.swarm(1, "down", timeout=300)
+    shutil.rmtree(work, ignore_errors=True)
+
+    print("\n| strategy | hosts | median step (s) | sent per step per worker (MB) | tokens/s |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in results:
+        print(f"| {r['strategy']} | {r['workers']} | {r['step_s']:.2f} | {r['sent_mb']:.2f} | {r['tokens_per_s']:.0f} |")
+    one = results[2]["tokens_per_s"]
+    print(f"\nthroughput 2 hosts / 1 host: replicate {results[0]['tokens_per_s'] / one:.2f}x, "
+          f"shard {results[1]['tokens_per_s'] / one:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

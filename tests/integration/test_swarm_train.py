@@ -1,0 +1,206 @@
+"""`swarm train` on a swarm of namespace hosts: a head that only coordinates and two worker PCs.
+
+One bring-up (module fixture, ``configs/cluster-lab.yaml``: the head has ``train: false``)
+serves every test: both strategies train with one worker on each worker host; a job that
+asks for more workers than the swarm has is refused before any model is loaded; and a
+worker host dropping out mid-run costs at most one checkpoint interval, the run goes on
+with the host that is left, grows back when the host returns, and finishes.
+
+Run alone with: python -m pytest -m integration tests/integration/test_swarm_train.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from trainkit import adapter_tensors, losses, run_dir_of, write_job
+
+REPO = Path(__file__).resolve().parents[2]
+LAB_CONFIG = REPO / "configs" / "cluster-lab.yaml"
+HEAD, W1, W2 = 1, 2, 3
+ADDR = {i: f"198.18.0.{i}" for i in (1, 2, 3)}
+CHECKPOINT_EVERY = 4
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+]
+
+
+@pytest.fixture(scope="module")
+def lab():
+    from swarm.cluster.netlab import NetLab, namespaces
+
+    lab = NetLab(3)
+    lab.create()
+    try:
+        assert lab.swarm(HEAD, "init").returncode == 0
+        for host in (W1, W2):
+            copy_secret(lab, host)
+        lab.agents = {host: start_agent(lab, host) for host in (HEAD, W1, W2)}
+        up = lab.swarm(HEAD, "up", str(LAB_CONFIG), timeout=400)
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield lab
+    finally:
+        lab.destroy()
+        assert not [ns for ns in namespaces() if ns.startswith(lab.tag + "-")], "namespaces left behind"
+
+
+def copy_secret(lab, host: int) -> None:
+    (lab.home(host) / "secret").write_bytes((lab.home(HEAD) / "secret").read_bytes())
+    os.chmod(lab.home(host) / "secret", 0o600)
+
+
+def start_agent(lab, host: int):
+    proc = lab.popen(host, [sys.executable, "-m", "swarm", "agent", "--listen", f"{ADDR[host]}:7077"],
+                     lab.root / f"agent-h{host}.log")
+    deadline = time.monotonic() + 90
+    while lab.swarm(host, "agent", "--health", "--address", f"{ADDR[host]}:7077", timeout=60).returncode != 0:
+        assert proc.poll() is None and time.monotonic() < deadline, (lab.root / f"agent-h{host}.log").read_text()
+        time.sleep(0.5)
+    return proc
+
+
+def swarm_job(folder: Path, model: Path, **train) -> Path:
+    """A tiny QLoRA job (ZeRO offload to CPU as the job says) for the swarm whose head is host 1."""
+    return write_job(
+        folder, model,
+        train={"max_steps": 12, "grad_accum": 1, "eval_every": 100, "checkpoint_every": CHECKPOINT_EVERY, **train},
+        ray={"address": f"{ADDR[HEAD]}:6379", "object_store_mb": 100, "dashboard": True},
+    )
+
+
+def train_on_swarm(lab, job: Path, timeout: int = 800):
+    result = lab.swarm(HEAD, "train", str(job), timeout=timeout)
+    return result
+
+
+@pytest.fixture(scope="module")
+def finished_runs(lab, tiny_models, tmp_path_factory):
+    """The same job with each strategy forced, on the two worker hosts."""
+    runs = {}
+    for strategy in ("replicate", "shard"):
+        folder = tmp_path_factory.mktemp(strategy)
+        result = train_on_swarm(lab, swarm_job(folder, tiny_models("llama"), strategy=strategy))
+        runs[strategy] = (result, run_dir_of(result))
+    return runs
+
+
+@pytest.mark.parametrize("strategy", ["replicate", "shard"])
+def test_each_strategy_trains_with_one_worker_on_each_worker_host(finished_runs, strategy):
+    result, run_dir = finished_runs[strategy]
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["strategy"]["name"] == strategy
+    assert summary["strategy"]["zero_stage"] == {"replicate": 2, "shard": 3}[strategy]
+    assert f"strategy: {strategy} (train.strategy={strategy} in the job)" in result.stderr
+    # One worker per worker host, each reporting its own address; the head trains nothing.
+    nodes = summary["hardware"]["nodes"]
+    assert sorted((n["address"], n["workers"]) for n in nodes) == [(ADDR[W1], 1), (ADDR[W2], 1)]
+    loss = losses(run_dir)
+    assert loss[12] < 0.8 * loss[1], loss
+    # The driver on the head wrote the adapter; the workers sent it over Ray.
+    assert adapter_tensors(run_dir / "adapter")
+    # Bytes each worker's PC sent per step are in the metrics.
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sent = [r["sent_bytes_per_worker"] for r in rows if "loss" in r]
+    assert all(s > 0 for s in sent), sent
+
+
+def test_both_strategies_reach_a_similar_loss(finished_runs):
+    replicate = losses(finished_runs["replicate"][1])
+    shard = losses(finished_runs["shard"][1])
+    assert abs(replicate[12] - shard[12]) <= 0.05 * shard[12], (replicate, shard)
+
+
+def test_sharding_sends_more_per_step_than_replicating(finished_runs):
+    def median_sent(run_dir: Path) -> float:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        sent = sorted(r["sent_bytes_per_worker"] for r in rows if "loss" in r)
+        return sent[len(sent) // 2]
+
+    # ZeRO-3 also gathers the base's shards in every forward and backward; replication sends
+    # the LoRA gradients and weights only (here about 0.4 MB, twice the fp32 LoRA size).
+    assert median_sent(finished_runs["shard"][1]) > 1.5 * median_sent(finished_runs["replicate"][1])
+
+
+def test_more_workers_than_the_swarm_has_is_refused_before_loading(lab, tiny_models, tmp_path):
+    job = swarm_job(tmp_path, tiny_models("llama"), workers=3)
+    result = train_on_swarm(lab, job, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: train.workers=3 but the swarm offers 2 worker slot(s) on 2 node(s)")
+    assert "training " not in result.stderr  # no worker started, no model loaded
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.timeout(1800)
+def test_a_host_dropping_out_costs_at_most_one_checkpoint_interval_and_it_grows_back(lab, tiny_models, tmp_path):
+    from swarm.cluster.netlab import kill_namespace_processes
+
+    max_steps = 120  # long enough to outlast a restart on one host and the regrowth
+    job = swarm_job(tmp_path, tiny_models("llama"), strategy="replicate", max_steps=max_steps,
+                    min_workers=1, regrow_check_s=5)
+    log = tmp_path / "train.log"
+    driver = lab.popen(HEAD, [sys.executable, "-m", "swarm", "train", str(job)], log)
+    try:
+        wait_for(lambda: checkpoint_steps(tmp_path) and max(checkpoint_steps(tmp_path)) >= CHECKPOINT_EVERY
+                 and max_logged_step(tmp_path) >= CHECKPOINT_EVERY + 2, driver, log, "a checkpoint and two more steps")
+        # Worker host 2 drops out: every process on it dies at once, agent and Ray node.
+        kill_namespace_processes(lab.ns(W2), grace_s=0)
+        wait_for(lambda: "workers restarted: 1 worker(s)" in log.read_text(), driver, log, "a restart on one host")
+        # The PC comes back: its agent starts and `swarm up` starts what is missing.
+        lab.agents[W2] = start_agent(lab, W2)
+        up = lab.swarm(HEAD, "up", str(LAB_CONFIG), timeout=400)
+        assert up.returncode == 0, up.stdout + up.stderr
+        wait_for(lambda: "workers restarted: 2 worker(s)" in log.read_text(), driver, log, "growing back to two")
+        assert driver.wait(900) == 0, log.read_text()[-4000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    text = log.read_text()
+    run_dir = Path(text.strip().splitlines()[-1].removeprefix("run: "))
+    summary = json.loads((run_dir / "run.json").read_text())
+    shrink, grow = summary["restarts"][:2]
+    assert shrink["world_size"] == 1 and shrink["hosts"] == [ADDR[W1]], summary["restarts"]
+    assert grow["world_size"] == 2 and grow["hosts"] == [ADDR[W1], ADDR[W2]], summary["restarts"]
+    for restart in summary["restarts"]:
+        # Training went back to the newest checkpoint: never more than one interval lost.
+        assert 0 <= restart["last_step"] - restart["resumed_step"] <= CHECKPOINT_EVERY, restart
+    loss = losses(run_dir)
+    assert sorted(loss) == list(range(1, max_steps + 1))  # every step once, after the trimming
+    assert summary["steps"] == max_steps and loss[max_steps] < 0.5 * loss[1]
+    # The final adapter loads with plain peft onto the base.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_models("llama"))
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def checkpoint_steps(folder: Path) -> list[int]:
+    found = []
+    for manifest in folder.glob("runs/*/checkpoints/step-*/manifest.json"):
+        found.append(int(manifest.parent.name.removeprefix("step-")))
+    return found
+
+
+def max_logged_step(folder: Path) -> int:
+    steps = [0]
+    for metrics in folder.glob("runs/*/metrics.jsonl"):
+        steps += [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line]
+    return max(steps)
+
+
+def wait_for(condition, driver, log: Path, what: str, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if driver.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"waiting for {what}: {log.read_text()[-4000:]}")
+        time.sleep(0.5)
