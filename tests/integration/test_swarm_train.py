@@ -72,7 +72,7 @@ def swarm_job(folder: Path, model: Path, **train) -> Path:
     return write_job(
         folder, model,
         train={"max_steps": 12, "grad_accum": 1, "eval_every": 100, "checkpoint_every": CHECKPOINT_EVERY, **train},
-        ray={"address": f"{ADDR[HEAD]}:6379", "object_store_mb": 100, "dashboard": True},
+        ray={"address": f"{ADDR[HEAD]}:6379", "object_store_mb": 100},
     )
 
 
