@@ -42,6 +42,9 @@ params = [p for p in model.parameters() if p.requires_grad]
 engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
 startup = time.perf_counter() - START
 
+# from_pretrained leaves the model in eval mode, where transformers skips gradient
+# checkpointing; train as swarm does, or the baseline would skip the recomputation.
+engine.train()
 mb, ga = job.train.micro_batch, job.train.grad_accum
 step_times, position = [], 0
 for step in range(job.train.max_steps):
