@@ -28,7 +28,7 @@ CHECKPOINT_EVERY = 4
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.timeout(900),
+    pytest.mark.timeout(1800),  # the first test also brings the lab up and trains both strategies
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
 ]
 
