@@ -11,7 +11,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
-for name in ("CPUAdamBuilder", "AsyncIOBuilder"):
+# ShareMemCommBuilder: the shared-memory collectives DeepSpeed loads when it starts on a CPU.
+for name in ("CPUAdamBuilder", "AsyncIOBuilder", "ShareMemCommBuilder"):
     builder = get_accelerator().create_op_builder(name)
     builder.load(verbose=False)
     print(f"deepspeed op ready: {builder.name}")

@@ -8,7 +8,13 @@ parameters and optimizer) for the same steps on this machine. Printed figures:
 - peak RSS of each whole process tree (swarm: CLI driver + Ray + worker), and the
   difference, which is swarm's orchestration overhead.
 
-Usage: python tests/bench/bench_train.py [--steps 30] [--hidden 256] [--layers 4]
+Timed runs and memory runs are separate. Reading PSS walks every mapping of every
+process (about 0.13 s of CPU per sweep over swarm's ~20 processes, against one process for
+the baseline): sampled during a timed run, it would slow the side with more processes and
+skew the step-time ratio. Timed runs alternate between the sides (``--rounds``), so that a
+slow spell of a shared machine hits both.
+
+Usage: python tests/bench/bench_train.py [--steps 30] [--rounds 3] [--hidden 256] [--layers 4]
 Targets (issue 2): step-time ratio <= 1.05; orchestration overhead <= 1.5 GiB.
 """
 
@@ -31,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 GIB = 1024**3
 
 
-class TreeRss:
+class TreeMemory:
     """Samples the summed RSS and PSS of a process and all its descendants; keeps the peaks.
 
     Summed RSS counts a shared page (torch's libraries, mapped by every Ray process) once
@@ -84,48 +90,54 @@ def write_job(folder: Path, model: Path, steps: int) -> Path:
     return path
 
 
-def run_baseline(job: Path) -> dict:
+def run_baseline(job: Path, memory: bool) -> dict:
     proc = subprocess.Popen([sys.executable, str(REPO / "tests/bench/baseline_loop.py"), str(job)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    rss = TreeRss(proc.pid)
+    sampler = TreeMemory(proc.pid) if memory else None
     out, _ = proc.communicate()
     result = json.loads(out.strip().splitlines()[-1])
-    result["tree_peak_rss_bytes"], result["tree_peak_pss_bytes"] = rss.stop()
+    if sampler is not None:
+        result["tree_peak_rss_bytes"], result["tree_peak_pss_bytes"] = sampler.stop()
     return result
 
 
-def run_swarm(job: Path) -> dict:
+def run_swarm(job: Path, memory: bool) -> dict:
+    runs = job.parent / "runs"
+    before = set(runs.glob("*/metrics.jsonl"))
     launched = time.perf_counter()
+    log = job.parent / "swarm-stderr.log"
     proc = subprocess.Popen([sys.executable, "-m", "swarm", "train", str(job)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    rss = TreeRss(proc.pid)
+                            stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+    sampler = TreeMemory(proc.pid) if memory else None
     first_step_at = None
     metrics = None
     while proc.poll() is None:
         if metrics is None:
-            found = list((job.parent / "runs").glob("*/metrics.jsonl"))
+            found = [m for m in runs.glob("*/metrics.jsonl") if m not in before]
             metrics = found[0] if found else None
         if metrics is not None and first_step_at is None and metrics.stat().st_size:
             row = json.loads(metrics.read_text().splitlines()[0])
             first_step_at = time.perf_counter() - row["step_time_s"]
         time.sleep(0.05)
-    out, _ = proc.communicate()
-    peak_rss, peak_pss = rss.stop()
-    assert proc.returncode == 0, "swarm train failed"
+    proc.communicate()
+    peaks = sampler.stop() if sampler is not None else (None, None)
+    if proc.returncode != 0:
+        sys.exit("swarm train failed:\n" + "\n".join(log.read_text().splitlines()[-15:]))
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     step_times = [r["step_time_s"] for r in rows if "step_time_s" in r]
     return {
         "startup_s": first_step_at - launched,
         "step_times": step_times,
         "median_step_s": statistics.median(step_times[2:]),
-        "tree_peak_rss_bytes": peak_rss,
-        "tree_peak_pss_bytes": peak_pss,
+        "tree_peak_rss_bytes": peaks[0],
+        "tree_peak_pss_bytes": peaks[1],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs of each side, alternated")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
@@ -137,24 +149,34 @@ def main() -> None:
         model = make_tiny_model(folder / "model", [REPO / "configs/data/demo.txt"],
                                 hidden=args.hidden, layers=args.layers)
         job = write_job(folder, model, args.steps)
-        baseline = run_baseline(job)
-        swarm = run_swarm(job)
+        # Timed runs alternate, so that a slow spell of this shared machine hits both
+        # sides; then one memory run of each (see the module docstring).
+        timed = []
+        for round_ in range(args.rounds):
+            baseline, swarm = run_baseline(job, memory=False), run_swarm(job, memory=False)
+            timed.append((baseline, swarm))
+            print(f"round {round_ + 1}: median step {baseline['median_step_s']:.3f} s baseline, "
+                  f"{swarm['median_step_s']:.3f} s swarm (ratio {swarm['median_step_s'] / baseline['median_step_s']:.3f})",
+                  flush=True)
+        baseline_mem, swarm_mem = run_baseline(job, memory=True), run_swarm(job, memory=True)
 
-    ratio = swarm["median_step_s"] / baseline["median_step_s"]
-    overhead = swarm["tree_peak_rss_bytes"] - baseline["tree_peak_rss_bytes"]
-    overhead_pss = swarm["tree_peak_pss_bytes"] - baseline["tree_peak_pss_bytes"]
-    print(f"tiny llama hidden={args.hidden} layers={args.layers}, {args.steps} steps, "
+    def median_of(side: int, key: str) -> float:
+        return statistics.median(pair[side][key] for pair in timed)
+
+    step = (median_of(0, "median_step_s"), median_of(1, "median_step_s"))
+    startup = (median_of(0, "startup_s"), median_of(1, "startup_s"))
+    rss = (baseline_mem["tree_peak_rss_bytes"], swarm_mem["tree_peak_rss_bytes"])
+    pss = (baseline_mem["tree_peak_pss_bytes"], swarm_mem["tree_peak_pss_bytes"])
+    print(f"tiny llama hidden={args.hidden} layers={args.layers}, {args.steps} steps x {args.rounds} rounds, "
           "QLoRA + ZeRO-3 + CPU offload (params, optimizer), fp32 on CPU")
     print(f"{'':28}{'baseline':>12}{'swarm':>12}")
-    print(f"{'median step time (s)':28}{baseline['median_step_s']:12.3f}{swarm['median_step_s']:12.3f}")
-    print(f"{'start-up to first step (s)':28}{baseline['startup_s']:12.1f}{swarm['startup_s']:12.1f}")
-    print(f"{'peak RSS, process tree (GiB)':28}{baseline['tree_peak_rss_bytes'] / GIB:12.2f}"
-          f"{swarm['tree_peak_rss_bytes'] / GIB:12.2f}")
-    print(f"{'peak PSS, process tree (GiB)':28}{baseline['tree_peak_pss_bytes'] / GIB:12.2f}"
-          f"{swarm['tree_peak_pss_bytes'] / GIB:12.2f}")
-    print(f"step time ratio swarm/baseline: {ratio:.3f} (target <= 1.05)")
-    print(f"orchestration RAM overhead: {overhead_pss / GIB:.2f} GiB by PSS, {overhead / GIB:.2f} GiB by summed RSS "
-          "(target <= 1.5 GiB)")
+    print(f"{'median step time (s)':28}{step[0]:12.3f}{step[1]:12.3f}")
+    print(f"{'start-up to first step (s)':28}{startup[0]:12.1f}{startup[1]:12.1f}")
+    print(f"{'peak RSS, process tree (GiB)':28}{rss[0] / GIB:12.2f}{rss[1] / GIB:12.2f}")
+    print(f"{'peak PSS, process tree (GiB)':28}{pss[0] / GIB:12.2f}{pss[1] / GIB:12.2f}")
+    print(f"step time ratio swarm/baseline: {step[1] / step[0]:.3f} (target <= 1.05; median over rounds)")
+    print(f"orchestration RAM overhead: {(pss[1] - pss[0]) / GIB:.2f} GiB by PSS, "
+          f"{(rss[1] - rss[0]) / GIB:.2f} GiB by summed RSS (target <= 1.5 GiB)")
 
 
 if __name__ == "__main__":
