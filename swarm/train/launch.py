@@ -304,10 +304,13 @@ class ray_session:
                 object_store_memory=settings.object_store_mb * 1024**2,
                 include_dashboard=settings.dashboard,
                 dashboard_host="127.0.0.1",
-                dashboard_port=settings.dashboard_port,
+                dashboard_port=free_dashboard_port(settings.dashboard_port) if settings.dashboard else None,
                 # Worker output goes to Ray's log files; the terminal shows swarm's progress.
                 log_to_driver=False,
                 logging_level="ERROR",
+                # Ray would start an idle worker process in advance for tasks; a training
+                # run starts only actors, which get processes of their own.
+                _system_config={"prestart_worker_first_driver": False},
             )
         url = context.dashboard_url
         return f"http://{url}" if url and not url.startswith("http") else url
@@ -316,6 +319,21 @@ class ray_session:
         import ray
 
         ray.shutdown()
+
+
+def free_dashboard_port(wanted: int) -> int:
+    """``wanted`` if nothing listens there, else a free port (another run's dashboard has it)."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", wanted))
+            return wanted
+        except OSError:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    print(f"note: port {wanted} is taken (another run's dashboard?); this run's dashboard uses {port}", file=sys.stderr)
+    return port
 
 
 def swarm_client_env() -> dict[str, str]:
@@ -343,14 +361,14 @@ def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder, fing
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from swarm.train.failures import FailureNotes
     from swarm.train.loop import train_loop_per_worker
     from swarm.train.mailbox import start_mailbox
+    from swarm.train.trainer import ProcessGroupConfig, lean_trainer
 
     mailbox = start_mailbox(resume_state)
-    trainer = TorchTrainer(
+    trainer = lean_trainer(
         train_loop_per_worker,
         train_loop_config={
             "job": job.model_dump(mode="json"),
@@ -368,13 +386,14 @@ def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder, fing
             elastic_resize_monitor_interval_s=job.train.regrow_check_s,
         ),
         # A hung collective should fail in minutes, not after torch's 30-minute default.
-        torch_config=TorchConfig(backend="nccl" if placement.use_gpu else "gloo", timeout_s=COLLECTIVE_TIMEOUT_S),
+        backend_config=ProcessGroupConfig("nccl" if placement.use_gpu else "gloo", COLLECTIVE_TIMEOUT_S),
         # Ray Train keeps only bookkeeping here; swarm writes checkpoints itself.
         run_config=RunConfig(
             name=".ray", storage_path=str(recorder.run_dir.resolve()),
             failure_config=FailureConfig(max_failures=job.train.max_restarts),
             callbacks=[FailureNotes(mailbox)],
         ),
+        ray_started_here=not job.ray.address,
     )
     stop = threading.Event()
     reader = threading.Thread(target=recorder.consume, args=(mailbox, stop), daemon=True)

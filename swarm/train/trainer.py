@@ -1,0 +1,117 @@
+"""The Ray Train trainer swarm runs: lean, because every process it starts costs RAM.
+
+Each helper actor Ray Train starts is a Python process that imports Ray Train and Ray
+Data, about 115 MiB of RAM each (measured with ``tests/bench/bench_train.py``); on a home
+PC that memory is better left to CPU offload. So swarm's trainer differs from a plain
+``TorchTrainer`` in four ways:
+
+- its backend joins the workers' torch process group (as Ray's ``TorchConfig`` does), but
+  lives in this module, which never imports torch: Ray Train's controller process loads
+  the backend, and with ``TorchConfig`` it would import torch (about 150 MiB) for nothing;
+- no dataset manager (it hands Ray Data shards to workers; swarm passes its packed blocks
+  through the object store and gives the trainer no datasets);
+- no preemption watcher (it reports cloud nodes drained for spot preemption; a home PC
+  that drops out is handled by swarm's restart from the newest checkpoint);
+- when Ray was started for this run alone, no placement-group cleaner (that Ray, and every
+  reservation in it, ends with the run anyway) and no autoscaling coordinator (it forwards
+  resource requests to a cluster autoscaler; a Ray of one PC has nothing to add). On a
+  swarm both stay: the cleaner frees the worker slots of a driver killed mid-run, and the
+  elastic policy reads the slots it may use from the coordinator.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+from ray.train.backend import Backend, BackendConfig
+from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+# Read by Ray Train's controller; Ray Train forwards it from the driver's environment.
+NO_PREEMPTION_WATCHER = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+class ProcessGroupConfig(BackendConfig):
+    """Join every worker into one torch process group: gloo on CPUs, NCCL on GPUs."""
+
+    def __init__(self, backend: str, timeout_s: int):
+        self.backend = backend
+        self.timeout_s = timeout_s
+
+    @property
+    def backend_cls(self):
+        return ProcessGroupBackend
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "timeout_s": self.timeout_s}
+
+
+class ProcessGroupBackend(Backend):
+    # Every worker sees all of its PC's GPUs and takes the one at its local rank.
+    share_cuda_visible_devices = True
+
+    def on_start(self, worker_group, backend_config: ProcessGroupConfig) -> None:
+        from ray.train._internal.utils import get_address_and_port
+
+        address, port = worker_group.execute_single(0, get_address_and_port)
+        worker_group.execute(join_process_group, address, port, backend_config.backend, backend_config.timeout_s)
+
+
+def join_process_group(address: str, port: int, backend: str, timeout_s: int) -> None:
+    """Runs on each worker: torch's distributed variables, then ``init_process_group``."""
+    import ray.train
+    import torch.distributed as dist
+
+    context = ray.train.get_context()
+    os.environ.update({
+        "MASTER_ADDR": address, "MASTER_PORT": str(port),
+        "RANK": str(context.get_world_rank()), "WORLD_SIZE": str(context.get_world_size()),
+        "LOCAL_RANK": str(context.get_local_rank()), "LOCAL_WORLD_SIZE": str(context.get_local_world_size()),
+        "NODE_RANK": str(context.get_node_rank()),
+    })
+    if backend == "nccl":
+        # A collective that times out raises instead of hanging the worker.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    dist.init_process_group(
+        backend=backend, init_method="env://", rank=context.get_world_rank(),
+        world_size=context.get_world_size(), timeout=dt.timedelta(seconds=timeout_s),
+    )
+
+
+class LocalFixedScalingPolicy(FixedScalingPolicy):
+    """Ray Train's fixed-size policy, without resource requests to an autoscaler."""
+
+    def after_controller_start(self, train_run_context) -> None:
+        pass
+
+    def _maybe_send_resource_request(self) -> None:
+        pass
+
+    def _send_resource_request(self) -> None:
+        pass
+
+
+def lean_trainer(*args, ray_started_here: bool, **kwargs):
+    """A Ray Train ``DataParallelTrainer`` made with these arguments, minus the helpers above."""
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    unused = (DatasetsCallback, PlacementGroupCleanerCallback) if ray_started_here else (DatasetsCallback,)
+
+    class LeanTrainer(DataParallelTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, unused)]
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            policy = controller_init_kwargs["scaling_policy"]
+            if ray_started_here and type(policy) is FixedScalingPolicy:
+                controller_init_kwargs["scaling_policy"] = LocalFixedScalingPolicy(scaling_config=policy.scaling_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    for key, value in NO_PREEMPTION_WATCHER.items():
+        os.environ.setdefault(key, value)
+    return LeanTrainer(*args, **kwargs)
