@@ -46,9 +46,9 @@ startup = time.perf_counter() - START
 # checkpointing; train as swarm does, or the baseline would skip the recomputation.
 engine.train()
 mb, ga = job.train.micro_batch, job.train.grad_accum
-step_times, position = [], 0
+step_times, cpu_times, position = [], [], 0
 for step in range(job.train.max_steps):
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(ga):
         idx = [(position + i) % len(ids) for i in range(mb)]
         position += mb
@@ -57,9 +57,11 @@ for step in range(job.train.max_steps):
         engine.step()
     loss.item()
     step_times.append(time.perf_counter() - t0)
+    cpu_times.append(time.process_time() - cpu0)  # all threads of this process
 print(json.dumps({
     "startup_s": startup,
     "step_times": step_times,
     "median_step_s": statistics.median(step_times[2:]),
+    "cpu_per_step_s": statistics.mean(cpu_times[2:]),
     "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
 }))

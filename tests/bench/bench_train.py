@@ -4,6 +4,7 @@ Both train the same tiny Llama (QLoRA, gradient checkpointing, ZeRO-3 with CPU o
 parameters and optimizer) for the same steps on this machine. Printed figures:
 
 - steady-state step time (median, first steps excluded) and its ratio swarm/baseline;
+- CPU seconds per step of the training process (all threads), on both sides;
 - start-up time: launch to the first training step;
 - peak RSS of each whole process tree (swarm: CLI driver + Ray + worker), and the
   difference, which is swarm's orchestration overhead.
@@ -75,6 +76,43 @@ class TreeMemory:
         return self.peak, self.peak_pss
 
 
+class WorkerCpu:
+    """CPU seconds the Ray Train worker process (all its threads) spends per logged step.
+
+    Sampled twice a second from /proc (cheap), from the third logged step on, like the
+    median step time. Against the baseline's CPU per step it tells extra work inside the
+    worker apart from time lost to other processes competing for the cores.
+    """
+
+    def __init__(self, root_pid: int):
+        self.root = psutil.Process(root_pid)
+        self.worker = None
+        self.samples: list[tuple[int, float]] = []
+        self._next = 0.0
+
+    def sample(self, metrics: Path) -> None:
+        if time.perf_counter() < self._next:
+            return
+        self._next = time.perf_counter() + 0.5
+        try:
+            if self.worker is None:
+                self.worker = next((p for p in self.root.children(recursive=True)
+                                    if " ".join(p.cmdline()).startswith("ray::RayTrainWorker")), None)
+            if self.worker is not None:
+                cpu = sum(self.worker.cpu_times()[:2])
+                steps = len(metrics.read_text().splitlines())
+                if steps >= 3:
+                    self.samples.append((steps, cpu))
+        except psutil.Error:
+            pass
+
+    def per_step(self) -> float | None:
+        if len(self.samples) < 2 or self.samples[-1][0] == self.samples[0][0]:
+            return None
+        (s0, c0), (s1, c1) = self.samples[0], self.samples[-1]
+        return (c1 - c0) / (s1 - s0)
+
+
 def write_job(folder: Path, model: Path, steps: int) -> Path:
     job = {
         "model": {"path": str(model)},
@@ -111,6 +149,7 @@ def run_swarm(job: Path, memory: bool) -> dict:
     sampler = TreeMemory(proc.pid) if memory else None
     first_step_at = None
     metrics = None
+    worker_cpu = WorkerCpu(proc.pid)
     while proc.poll() is None:
         if metrics is None:
             found = [m for m in runs.glob("*/metrics.jsonl") if m not in before]
@@ -118,6 +157,8 @@ def run_swarm(job: Path, memory: bool) -> dict:
         if metrics is not None and first_step_at is None and metrics.stat().st_size:
             row = json.loads(metrics.read_text().splitlines()[0])
             first_step_at = time.perf_counter() - row["step_time_s"]
+        if first_step_at is not None:
+            worker_cpu.sample(metrics)
         time.sleep(0.05)
     proc.communicate()
     peaks = sampler.stop() if sampler is not None else (None, None)
@@ -129,6 +170,7 @@ def run_swarm(job: Path, memory: bool) -> dict:
         "startup_s": first_step_at - launched,
         "step_times": step_times,
         "median_step_s": statistics.median(step_times[2:]),
+        "cpu_per_step_s": worker_cpu.per_step(),
         "tree_peak_rss_bytes": peaks[0],
         "tree_peak_pss_bytes": peaks[1],
     }
@@ -161,9 +203,11 @@ def main() -> None:
         baseline_mem, swarm_mem = run_baseline(job, memory=True), run_swarm(job, memory=True)
 
     def median_of(side: int, key: str) -> float:
-        return statistics.median(pair[side][key] for pair in timed)
+        values = [pair[side][key] for pair in timed if pair[side][key] is not None]
+        return statistics.median(values) if values else float("nan")
 
     step = (median_of(0, "median_step_s"), median_of(1, "median_step_s"))
+    cpu = (median_of(0, "cpu_per_step_s"), median_of(1, "cpu_per_step_s"))
     startup = (median_of(0, "startup_s"), median_of(1, "startup_s"))
     rss = (baseline_mem["tree_peak_rss_bytes"], swarm_mem["tree_peak_rss_bytes"])
     pss = (baseline_mem["tree_peak_pss_bytes"], swarm_mem["tree_peak_pss_bytes"])
@@ -171,10 +215,12 @@ def main() -> None:
           "QLoRA + ZeRO-3 + CPU offload (params, optimizer), fp32 on CPU")
     print(f"{'':28}{'baseline':>12}{'swarm':>12}")
     print(f"{'median step time (s)':28}{step[0]:12.3f}{step[1]:12.3f}")
+    print(f"{'worker CPU per step (s)':28}{cpu[0]:12.3f}{cpu[1]:12.3f}")
     print(f"{'start-up to first step (s)':28}{startup[0]:12.1f}{startup[1]:12.1f}")
     print(f"{'peak RSS, process tree (GiB)':28}{rss[0] / GIB:12.2f}{rss[1] / GIB:12.2f}")
     print(f"{'peak PSS, process tree (GiB)':28}{pss[0] / GIB:12.2f}{pss[1] / GIB:12.2f}")
-    print(f"step time ratio swarm/baseline: {step[1] / step[0]:.3f} (target <= 1.05; median over rounds)")
+    print(f"step time ratio swarm/baseline: {step[1] / step[0]:.3f} (target <= 1.05; median over rounds); "
+          f"worker CPU per step ratio: {cpu[1] / cpu[0]:.3f}")
     print(f"orchestration RAM overhead: {(pss[1] - pss[0]) / GIB:.2f} GiB by PSS, "
           f"{(rss[1] - rss[0]) / GIB:.2f} GiB by summed RSS (target <= 1.5 GiB)")
 
