@@ -27,9 +27,6 @@ import os
 from ray.train.backend import Backend, BackendConfig
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
-# Read by Ray Train's controller; Ray Train forwards it from the driver's environment.
-NO_PREEMPTION_WATCHER = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-
 
 class ProcessGroupConfig(BackendConfig):
     """Join every worker into one torch process group: gloo on CPUs, NCCL on GPUs."""
@@ -101,10 +98,8 @@ def lean_trainer(*args, ray_started_here: bool, **kwargs):
 
     class LeanTrainer(DataParallelTrainer):
         def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [c for c in callbacks if not isinstance(c, unused)]
+            # swarm never gives Ray Train datasets (see the module docstring).
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
 
         def _initialize_and_run_controller(self, **controller_init_kwargs):
             policy = controller_init_kwargs["scaling_policy"]
@@ -112,6 +107,6 @@ def lean_trainer(*args, ray_started_here: bool, **kwargs):
                 controller_init_kwargs["scaling_policy"] = LocalFixedScalingPolicy(scaling_config=policy.scaling_config)
             return super()._initialize_and_run_controller(**controller_init_kwargs)
 
-    for key, value in NO_PREEMPTION_WATCHER.items():
-        os.environ.setdefault(key, value)
+    # Read by Ray Train's controller, which gets it from the driver's environment.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return LeanTrainer(*args, **kwargs)
