@@ -34,6 +34,11 @@ def lr_lambda(job: JobConfig):
     return factor
 
 
+def cpu_threads_per_worker(cores: int | None, local_workers: int) -> int:
+    """OpenMP threads for each of the ``local_workers`` training workers on a PC with ``cores``."""
+    return max(1, (cores or 1) // max(1, local_workers))
+
+
 def client_optimizer(job: JobConfig, params):
     """The optimizer object for DeepSpeed, or None when DeepSpeed builds AdamW itself."""
     train = job.train
@@ -118,14 +123,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     sent_bytes = sent_bytes_counter() if counting else (lambda: 0)
 
     on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", context.get_local_rank()) if on_gpu else torch.device("cpu")
     if on_gpu:
-        device = torch.device("cuda", context.get_local_rank())
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        # Ray pins OMP threads to the worker's CPU reservation; swarm reserves none, so
-        # share this machine's cores among its workers instead.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
+    # CPU work (the training itself on a CPU-only PC; DeepSpeed's CPU Adam and offload
+    # copies beside a GPU) runs on this thread's OpenMP team, which Ray sized to the
+    # worker's token CPU reservation: one thread. Share this PC's cores among its workers.
+    torch.set_num_threads(cpu_threads_per_worker(os.cpu_count(), context.get_local_world_size()))
     precision = resolve_precision(
         job.train.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported(), cpu_flags()
     )
@@ -425,7 +429,7 @@ def _host_facts(on_gpu: bool) -> dict:
 
     return {
         "hostname": platform.node(), "address": ray.util.get_node_ip_address(), "gpus": gpus,
-        "ram_bytes": psutil.virtual_memory().total,
+        "ram_bytes": psutil.virtual_memory().total, "cpu_threads": torch.get_num_threads(),
     }
 
 

@@ -201,7 +201,8 @@ def _nodes(hosts: list[dict]) -> list[dict]:
     for host in hosts:
         key = host.get("address") or host["hostname"]
         node = nodes.setdefault(key, {"hostname": host["hostname"], "address": host.get("address"), "gpus": [],
-                                      "ram_bytes": host["ram_bytes"], "workers": 0})
+                                      "ram_bytes": host["ram_bytes"], "workers": 0,
+                                      "cpu_threads_per_worker": host.get("cpu_threads")})
         node["gpus"] += host["gpus"]
         node["workers"] += 1
     return list(nodes.values())

@@ -52,6 +52,10 @@ def test_full_path_trains_and_records_the_run(reference):
     assert strategy.pop("reason").startswith("one worker: ZeRO-3 with the job's offload settings")
     assert strategy == {"name": "shard", "zero_stage": 3, "offload_params": "cpu", "offload_optimizer": "cpu"}
     assert summary["tokens"] == sum(r["tokens"] for r in steps)
+    # The one worker computes on all of this PC's cores, not on the one thread Ray's
+    # token CPU reservation would give it.
+    [node] = summary["hardware"]["nodes"]
+    assert node["workers"] == 1 and node["cpu_threads_per_worker"] == os.cpu_count()
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["train"]["max_steps"] == 16
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
