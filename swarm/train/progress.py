@@ -96,7 +96,9 @@ class ProgressRecorder:
             self._progress = Progress(
                 TextColumn("step"), MofNCompleteColumn(), BarColumn(),
                 TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
-                console=self.console, transient=False,
+                # The figures change once a step; two redraws a second keep the bar live
+                # and leave the CPU to training.
+                console=self.console, transient=False, refresh_per_second=2,
             )
             self._progress.start()
             self._task = self._progress.add_task(
