@@ -5,6 +5,8 @@ parameters and optimizer) for the same steps on this machine. Printed figures:
 
 - steady-state step time (median, first steps excluded) and its ratio swarm/baseline;
 - CPU seconds per step of the training process (all threads), on both sides;
+- CPU cores used by swarm's other processes (driver, Ray's daemons and dashboard, Ray
+  Train's controller, the mailbox) while the worker trains: what its compute threads lose;
 - start-up time: launch to the first training step;
 - peak RSS of each whole process tree (swarm: CLI driver + Ray + worker), and the
   difference, which is swarm's orchestration overhead.
@@ -15,7 +17,7 @@ the baseline): sampled during a timed run, it would slow the side with more proc
 skew the step-time ratio. Timed runs alternate between the sides (``--rounds``), so that a
 slow spell of a shared machine hits both.
 
-Usage: python tests/bench/bench_train.py [--steps 30] [--rounds 3] [--hidden 256] [--layers 4]
+Usage: python tests/bench/bench_train.py [--steps 30] [--rounds 3] [--hidden 256] [--layers 4] [--set KEY=VALUE]
 Targets (issue 2): step-time ratio <= 1.05; orchestration overhead <= 1.5 GiB.
 """
 
@@ -76,41 +78,57 @@ class TreeMemory:
         return self.peak, self.peak_pss
 
 
-class WorkerCpu:
-    """CPU seconds the Ray Train worker process (all its threads) spends per logged step.
+class ProcessCpu:
+    """CPU seconds of the Ray Train worker per logged step, and of every other process of
+    the run (driver, Ray's daemons and dashboard, Ray Train's controller, the mailbox) per
+    second of wall time.
 
-    Sampled twice a second from /proc (cheap), from the third logged step on, like the
-    median step time. Against the baseline's CPU per step it tells extra work inside the
-    worker apart from time lost to other processes competing for the cores.
+    Sampled once a second from /proc, from the third logged step on (like the median step
+    time); the process list is read once, at the first sample. Against the baseline's CPU
+    per step, the first tells extra work inside the worker apart from cores lost to the
+    second, which competes with the worker's compute threads.
     """
 
     def __init__(self, root_pid: int):
         self.root = psutil.Process(root_pid)
-        self.worker = None
-        self.samples: list[tuple[int, float]] = []
+        self.worker: psutil.Process | None = None
+        self.others: list[psutil.Process] = []
+        self.samples: list[tuple[int, float, float, float]] = []  # steps, worker s, others s, wall s
         self._next = 0.0
 
     def sample(self, metrics: Path) -> None:
         if time.perf_counter() < self._next:
             return
-        self._next = time.perf_counter() + 0.5
+        self._next = time.perf_counter() + 1.0
         try:
+            steps = len(metrics.read_text().splitlines())
+            if steps < 3:
+                return
             if self.worker is None:
-                self.worker = next((p for p in self.root.children(recursive=True)
-                                    if " ".join(p.cmdline()).startswith("ray::RayTrainWorker")), None)
-            if self.worker is not None:
-                cpu = sum(self.worker.cpu_times()[:2])
-                steps = len(metrics.read_text().splitlines())
-                if steps >= 3:
-                    self.samples.append((steps, cpu))
-        except psutil.Error:
+                tree = [self.root, *self.root.children(recursive=True)]
+                self.worker = next(p for p in tree if " ".join(p.cmdline()).startswith("ray::RayTrainWorker"))
+                self.others = [p for p in tree if p.pid != self.worker.pid]
+            others = 0.0
+            for proc in self.others:
+                try:
+                    others += sum(proc.cpu_times()[:2])
+                except psutil.Error:
+                    pass
+            self.samples.append((steps, sum(self.worker.cpu_times()[:2]), others, time.perf_counter()))
+        except (psutil.Error, StopIteration):
             pass
 
     def per_step(self) -> float | None:
         if len(self.samples) < 2 or self.samples[-1][0] == self.samples[0][0]:
             return None
-        (s0, c0), (s1, c1) = self.samples[0], self.samples[-1]
+        (s0, c0, _, _), (s1, c1, _, _) = self.samples[0], self.samples[-1]
         return (c1 - c0) / (s1 - s0)
+
+    def others_cores(self) -> float | None:
+        if len(self.samples) < 2:
+            return None
+        (_, _, o0, t0), (_, _, o1, t1) = self.samples[0], self.samples[-1]
+        return (o1 - o0) / (t1 - t0)
 
 
 def write_job(folder: Path, model: Path, steps: int) -> Path:
@@ -139,17 +157,18 @@ def run_baseline(job: Path, memory: bool) -> dict:
     return result
 
 
-def run_swarm(job: Path, memory: bool) -> dict:
+def run_swarm(job: Path, memory: bool, overrides: list[str]) -> dict:
     runs = job.parent / "runs"
     before = set(runs.glob("*/metrics.jsonl"))
     launched = time.perf_counter()
     log = job.parent / "swarm-stderr.log"
-    proc = subprocess.Popen([sys.executable, "-m", "swarm", "train", str(job)],
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    proc = subprocess.Popen([sys.executable, "-m", "swarm", "train", str(job), *sets],
                             stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
     sampler = TreeMemory(proc.pid) if memory else None
     first_step_at = None
     metrics = None
-    worker_cpu = WorkerCpu(proc.pid)
+    cpu = ProcessCpu(proc.pid)
     while proc.poll() is None:
         if metrics is None:
             found = [m for m in runs.glob("*/metrics.jsonl") if m not in before]
@@ -158,8 +177,9 @@ def run_swarm(job: Path, memory: bool) -> dict:
             row = json.loads(metrics.read_text().splitlines()[0])
             first_step_at = time.perf_counter() - row["step_time_s"]
         if first_step_at is not None:
-            worker_cpu.sample(metrics)
-        time.sleep(0.05)
+            cpu.sample(metrics)
+        # Polled gently: this loop competes with the run it watches.
+        time.sleep(0.25)
     proc.communicate()
     peaks = sampler.stop() if sampler is not None else (None, None)
     if proc.returncode != 0:
@@ -170,7 +190,8 @@ def run_swarm(job: Path, memory: bool) -> dict:
         "startup_s": first_step_at - launched,
         "step_times": step_times,
         "median_step_s": statistics.median(step_times[2:]),
-        "cpu_per_step_s": worker_cpu.per_step(),
+        "cpu_per_step_s": cpu.per_step(),
+        "others_cores": cpu.others_cores(),
         "tree_peak_rss_bytes": peaks[0],
         "tree_peak_pss_bytes": peaks[1],
     }
@@ -182,6 +203,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed runs of each side, alternated")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to swarm train only, e.g. ray.dashboard=false to measure the dashboard's share")
     args = parser.parse_args()
 
     from swarm.tiny import make_tiny_model
@@ -195,12 +218,12 @@ def main() -> None:
         # sides; then one memory run of each (see the module docstring).
         timed = []
         for round_ in range(args.rounds):
-            baseline, swarm = run_baseline(job, memory=False), run_swarm(job, memory=False)
+            baseline, swarm = run_baseline(job, memory=False), run_swarm(job, memory=False, overrides=args.set)
             timed.append((baseline, swarm))
             print(f"round {round_ + 1}: median step {baseline['median_step_s']:.3f} s baseline, "
                   f"{swarm['median_step_s']:.3f} s swarm (ratio {swarm['median_step_s'] / baseline['median_step_s']:.3f})",
                   flush=True)
-        baseline_mem, swarm_mem = run_baseline(job, memory=True), run_swarm(job, memory=True)
+        baseline_mem, swarm_mem = run_baseline(job, memory=True), run_swarm(job, memory=True, overrides=args.set)
 
     def median_of(side: int, key: str) -> float:
         values = [pair[side][key] for pair in timed if pair[side][key] is not None]
@@ -212,13 +235,17 @@ def main() -> None:
     rss = (baseline_mem["tree_peak_rss_bytes"], swarm_mem["tree_peak_rss_bytes"])
     pss = (baseline_mem["tree_peak_pss_bytes"], swarm_mem["tree_peak_pss_bytes"])
     print(f"tiny llama hidden={args.hidden} layers={args.layers}, {args.steps} steps x {args.rounds} rounds, "
-          "QLoRA + ZeRO-3 + CPU offload (params, optimizer), fp32 on CPU")
+          "QLoRA + ZeRO-3 + CPU offload (params, optimizer), fp32 on CPU"
+          + (f"; swarm with --set {' --set '.join(args.set)}" if args.set else ""))
     print(f"{'':28}{'baseline':>12}{'swarm':>12}")
     print(f"{'median step time (s)':28}{step[0]:12.3f}{step[1]:12.3f}")
     print(f"{'worker CPU per step (s)':28}{cpu[0]:12.3f}{cpu[1]:12.3f}")
     print(f"{'start-up to first step (s)':28}{startup[0]:12.1f}{startup[1]:12.1f}")
     print(f"{'peak RSS, process tree (GiB)':28}{rss[0] / GIB:12.2f}{rss[1] / GIB:12.2f}")
     print(f"{'peak PSS, process tree (GiB)':28}{pss[0] / GIB:12.2f}{pss[1] / GIB:12.2f}")
+    others = statistics.median([pair[1]["others_cores"] for pair in timed if pair[1]["others_cores"] is not None] or [float("nan")])
+    print(f"swarm's other processes (driver, Ray daemons, dashboard, controller, mailbox) used {others:.3f} cores "
+          f"beside the worker, of this machine's {psutil.cpu_count()}")
     print(f"step time ratio swarm/baseline: {step[1] / step[0]:.3f} (target <= 1.05; median over rounds); "
           f"worker CPU per step ratio: {cpu[1] / cpu[0]:.3f}")
     print(f"orchestration RAM overhead: {(pss[1] - pss[0]) / GIB:.2f} GiB by PSS, "
