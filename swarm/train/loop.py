@@ -36,7 +36,7 @@ def lr_lambda(job: JobConfig):
 
 def cpu_threads_per_worker(cores: int | None, local_workers: int) -> int:
     """OpenMP threads for each of the ``local_workers`` training workers on a PC with ``cores``."""
-    return max(1, (cores or 1) // max(1, local_workers))
+    return max(1, (cores or 1) // local_workers)
 
 
 def client_optimizer(job: JobConfig, params):

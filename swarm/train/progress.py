@@ -204,7 +204,7 @@ def _nodes(hosts: list[dict]) -> list[dict]:
         key = host.get("address") or host["hostname"]
         node = nodes.setdefault(key, {"hostname": host["hostname"], "address": host.get("address"), "gpus": [],
                                       "ram_bytes": host["ram_bytes"], "workers": 0,
-                                      "cpu_threads_per_worker": host.get("cpu_threads")})
+                                      "cpu_threads_per_worker": host["cpu_threads"]})
         node["gpus"] += host["gpus"]
         node["workers"] += 1
     return list(nodes.values())

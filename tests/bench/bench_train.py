@@ -40,6 +40,11 @@ REPO = Path(__file__).resolve().parents[2]
 GIB = 1024**3
 
 
+def process_tree(root: psutil.Process) -> list[psutil.Process]:
+    """``root`` and all its descendants (swarm's: the driver, Ray's daemons, their workers)."""
+    return [root, *root.children(recursive=True)]
+
+
 class TreeMemory:
     """Samples the summed RSS and PSS of a process and all its descendants; keeps the peaks.
 
@@ -59,7 +64,7 @@ class TreeMemory:
         while not self._stop.is_set():
             total = total_pss = 0
             try:
-                for proc in [self.root, *self.root.children(recursive=True)]:
+                for proc in process_tree(self.root):
                     try:
                         info = proc.memory_full_info()
                         total += info.rss
@@ -93,7 +98,9 @@ class ProcessCpu:
         self.root = psutil.Process(root_pid)
         self.worker: psutil.Process | None = None
         self.others: list[psutil.Process] = []
-        self.samples: list[tuple[int, float, float, float]] = []  # steps, worker s, others s, wall s
+        # (steps, worker CPU s, others' CPU s, wall s) at the first and the latest sample
+        self.first: tuple[int, float, float, float] | None = None
+        self.last: tuple[int, float, float, float] | None = None
         self._next = 0.0
 
     def sample(self, metrics: Path) -> None:
@@ -105,7 +112,7 @@ class ProcessCpu:
             if steps < 3:
                 return
             if self.worker is None:
-                tree = [self.root, *self.root.children(recursive=True)]
+                tree = process_tree(self.root)
                 self.worker = next(p for p in tree if " ".join(p.cmdline()).startswith("ray::RayTrainWorker"))
                 self.others = [p for p in tree if p.pid != self.worker.pid]
             others = 0.0
@@ -114,20 +121,21 @@ class ProcessCpu:
                     others += sum(proc.cpu_times()[:2])
                 except psutil.Error:
                     pass
-            self.samples.append((steps, sum(self.worker.cpu_times()[:2]), others, time.perf_counter()))
+            self.last = (steps, sum(self.worker.cpu_times()[:2]), others, time.perf_counter())
+            self.first = self.first or self.last
         except (psutil.Error, StopIteration):
             pass
 
     def per_step(self) -> float | None:
-        if len(self.samples) < 2 or self.samples[-1][0] == self.samples[0][0]:
+        if self.first is None or self.last[0] == self.first[0]:
             return None
-        (s0, c0, _, _), (s1, c1, _, _) = self.samples[0], self.samples[-1]
+        (s0, c0, _, _), (s1, c1, _, _) = self.first, self.last
         return (c1 - c0) / (s1 - s0)
 
     def others_cores(self) -> float | None:
-        if len(self.samples) < 2:
+        if self.first is None or self.last is self.first:
             return None
-        (_, _, o0, t0), (_, _, o1, t1) = self.samples[0], self.samples[-1]
+        (_, _, o0, t0), (_, _, o1, t1) = self.first, self.last
         return (o1 - o0) / (t1 - t0)
 
 
@@ -243,7 +251,7 @@ def main() -> None:
     print(f"{'start-up to first step (s)':28}{startup[0]:12.1f}{startup[1]:12.1f}")
     print(f"{'peak RSS, process tree (GiB)':28}{rss[0] / GIB:12.2f}{rss[1] / GIB:12.2f}")
     print(f"{'peak PSS, process tree (GiB)':28}{pss[0] / GIB:12.2f}{pss[1] / GIB:12.2f}")
-    others = statistics.median([pair[1]["others_cores"] for pair in timed if pair[1]["others_cores"] is not None] or [float("nan")])
+    others = median_of(1, "others_cores")
     print(f"swarm's other processes (driver, Ray daemons, dashboard, controller, mailbox) used {others:.3f} cores "
           f"beside the worker, of this machine's {psutil.cpu_count()}")
     print(f"step time ratio swarm/baseline: {step[1] / step[0]:.3f} (target <= 1.05; median over rounds); "
