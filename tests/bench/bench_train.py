@@ -256,6 +256,9 @@ def main() -> None:
           f"beside the worker, of this machine's {psutil.cpu_count()}")
     print(f"step time ratio swarm/baseline: {step[1] / step[0]:.3f} (target <= 1.05; median over rounds); "
           f"worker CPU per step ratio: {cpu[1] / cpu[0]:.3f}")
+    # Each round's pair ran back to back, so its ratio cancels the slow drifts of a shared machine.
+    paired = [swarm["median_step_s"] / baseline["median_step_s"] for baseline, swarm in timed]
+    print(f"per-round ratios: {', '.join(f'{r:.3f}' for r in paired)}; their median {statistics.median(paired):.3f}")
     print(f"orchestration RAM overhead: {(pss[1] - pss[0]) / GIB:.2f} GiB by PSS, "
           f"{(rss[1] - rss[0]) / GIB:.2f} GiB by summed RSS (target <= 1.5 GiB)")
 
