@@ -3,7 +3,8 @@
 Both train the same tiny Llama (QLoRA, gradient checkpointing, ZeRO-3 with CPU offload of
 parameters and optimizer) for the same steps on this machine. Printed figures:
 
-- steady-state step time (median, first steps excluded) and its ratio swarm/baseline;
+- steady-state step time (median, first steps excluded) and its ratio swarm/baseline, also
+  per round (each pair runs back to back) with a bootstrap interval for their median;
 - CPU seconds per step of the training process (all threads), on both sides;
 - CPU cores used by swarm's other processes (driver, Ray's daemons and dashboard, Ray
   Train's controller, the mailbox) while the worker trains: what its compute threads lose;
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -137,6 +139,18 @@ class ProcessCpu:
             return None
         (_, _, o0, t0), (_, _, o1, t1) = self.first, self.last
         return (o1 - o0) / (t1 - t0)
+
+
+def bootstrap_interval(ratios: list[float], resamples: int = 10_000) -> tuple[float, float]:
+    """A 95% interval for the median of ``ratios``, by resampling the rounds.
+
+    It says how far the machine's noise alone could move the median: a target inside the
+    interval is neither shown met nor shown missed by this run. Seeded, so a printed
+    figure can be recomputed from the printed ratios.
+    """
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def write_job(folder: Path, model: Path, steps: int) -> Path:
@@ -258,7 +272,9 @@ def main() -> None:
           f"worker CPU per step ratio: {cpu[1] / cpu[0]:.3f}")
     # Each round's pair ran back to back, so its ratio cancels the slow drifts of a shared machine.
     paired = [swarm["median_step_s"] / baseline["median_step_s"] for baseline, swarm in timed]
-    print(f"per-round ratios: {', '.join(f'{r:.3f}' for r in paired)}; their median {statistics.median(paired):.3f}")
+    low, high = bootstrap_interval(paired)
+    print(f"per-round ratios: {', '.join(f'{r:.3f}' for r in paired)}; their median {statistics.median(paired):.3f} "
+          f"(95% bootstrap interval {low:.3f} to {high:.3f})")
     print(f"orchestration RAM overhead: {(pss[1] - pss[0]) / GIB:.2f} GiB by PSS, "
           f"{(rss[1] - rss[0]) / GIB:.2f} GiB by summed RSS (target <= 1.5 GiB)")
 
