@@ -239,12 +239,14 @@ def main() -> None:
         # Timed runs alternate, so that a slow spell of this shared machine hits both
         # sides; then one memory run of each (see the module docstring).
         timed = []
+        # Each round's pair runs back to back, so its ratio cancels the slow drifts of a shared machine.
+        paired = []
         for round_ in range(args.rounds):
             baseline, swarm = run_baseline(job, memory=False), run_swarm(job, memory=False, overrides=args.set)
             timed.append((baseline, swarm))
+            paired.append(swarm["median_step_s"] / baseline["median_step_s"])
             print(f"round {round_ + 1}: median step {baseline['median_step_s']:.3f} s baseline, "
-                  f"{swarm['median_step_s']:.3f} s swarm (ratio {swarm['median_step_s'] / baseline['median_step_s']:.3f})",
-                  flush=True)
+                  f"{swarm['median_step_s']:.3f} s swarm (ratio {paired[-1]:.3f})", flush=True)
         baseline_mem, swarm_mem = run_baseline(job, memory=True), run_swarm(job, memory=True, overrides=args.set)
 
     def median_of(side: int, key: str) -> float:
@@ -270,8 +272,6 @@ def main() -> None:
           f"beside the worker, of this machine's {psutil.cpu_count()}")
     print(f"step time ratio swarm/baseline: {step[1] / step[0]:.3f} (target <= 1.05; median over rounds); "
           f"worker CPU per step ratio: {cpu[1] / cpu[0]:.3f}")
-    # Each round's pair ran back to back, so its ratio cancels the slow drifts of a shared machine.
-    paired = [swarm["median_step_s"] / baseline["median_step_s"] for baseline, swarm in timed]
     low, high = bootstrap_interval(paired)
     print(f"per-round ratios: {', '.join(f'{r:.3f}' for r in paired)}; their median {statistics.median(paired):.3f} "
           f"(95% bootstrap interval {low:.3f} to {high:.3f})")
