@@ -58,6 +58,7 @@ for step in range(job.train.max_steps):
     loss.item()
     step_times.append(time.perf_counter() - t0)
     cpu_times.append(time.process_time() - cpu0)  # all threads of this process
+    print(f"step {step + 1}", file=sys.stderr, flush=True)  # progress, for tests/bench/cpu_trace.py
 print(json.dumps({
     "startup_s": startup,
     "step_times": step_times,
