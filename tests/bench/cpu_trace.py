@@ -172,6 +172,10 @@ def trace_side(name: str, job: Path, steps: int, overrides: list[str]) -> None:
     side = Side(name, job, overrides)
     side.wait_for_step(WARM_STEPS)
     start_step, started, before = side.steps, time.perf_counter(), schedstat(side.pid)
+    buffer_kb = (TRACEFS / "buffer_size_kb").read_text().split()[0]
+    # About 3,000 switches a second on two CPUs: room for a minute of them, so the oldest
+    # are not overwritten before they are read.
+    set_trace("buffer_size_kb", "20000")
     set_trace("trace", "")
     set_trace("set_event", "sched:sched_switch")
     set_trace("tracing_on", "1")
@@ -181,6 +185,7 @@ def trace_side(name: str, job: Path, steps: int, overrides: list[str]) -> None:
     trace = (TRACEFS / "trace").read_text()
     set_trace("set_event", "")
     set_trace("trace", "")
+    set_trace("buffer_size_kb", buffer_kb)
     side.proc.wait()
 
     print(f"\n{name}: {done} steps in {wall:.1f} s ({wall / done:.3f} s/step)")
