@@ -173,19 +173,22 @@ def trace_side(name: str, job: Path, steps: int, overrides: list[str]) -> None:
     side.wait_for_step(WARM_STEPS)
     start_step, started, before = side.steps, time.perf_counter(), schedstat(side.pid)
     buffer_kb = (TRACEFS / "buffer_size_kb").read_text().split()[0]
-    # About 3,000 switches a second on two CPUs: room for a minute of them, so the oldest
-    # are not overwritten before they are read.
-    set_trace("buffer_size_kb", "20000")
-    set_trace("trace", "")
-    set_trace("set_event", "sched:sched_switch")
-    set_trace("tracing_on", "1")
-    side.wait_for_step(start_step + steps)
-    set_trace("tracing_on", "0")
-    done, wall, after, labels = side.steps - start_step, time.perf_counter() - started, schedstat(side.pid), owners()
-    trace = (TRACEFS / "trace").read_text()
-    set_trace("set_event", "")
-    set_trace("trace", "")
-    set_trace("buffer_size_kb", buffer_kb)
+    try:
+        # About 3,000 switches a second on two CPUs: room for a minute of them, so the
+        # oldest are not overwritten before they are read.
+        set_trace("buffer_size_kb", "20000")
+        set_trace("trace", "")
+        set_trace("set_event", "sched:sched_switch")
+        set_trace("tracing_on", "1")
+        side.wait_for_step(start_step + steps)
+        set_trace("tracing_on", "0")
+        done, wall, after = side.steps - start_step, time.perf_counter() - started, schedstat(side.pid)
+        labels, trace = owners(), (TRACEFS / "trace").read_text()
+    finally:  # also on Ctrl-C or a failed run: leave the kernel's tracer as it was
+        set_trace("tracing_on", "0")
+        set_trace("set_event", "")
+        set_trace("trace", "")
+        set_trace("buffer_size_kb", buffer_kb)
     side.proc.wait()
 
     print(f"\n{name}: {done} steps in {wall:.1f} s ({wall / done:.3f} s/step)")
