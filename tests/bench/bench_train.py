@@ -47,6 +47,11 @@ def process_tree(root: psutil.Process) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
+def train_worker(tree: list[psutil.Process]) -> psutil.Process:
+    """The Ray Train worker among ``tree`` (StopIteration before Ray has started it)."""
+    return next(p for p in tree if " ".join(p.cmdline()).startswith("ray::RayTrainWorker"))
+
+
 class TreeMemory:
     """Samples the summed RSS and PSS of a process and all its descendants; keeps the peaks.
 
@@ -115,7 +120,7 @@ class ProcessCpu:
                 return
             if self.worker is None:
                 tree = process_tree(self.root)
-                self.worker = next(p for p in tree if " ".join(p.cmdline()).startswith("ray::RayTrainWorker"))
+                self.worker = train_worker(tree)
                 self.others = [p for p in tree if p.pid != self.worker.pid]
             others = 0.0
             for proc in self.others:

@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import REPO, process_tree, write_job
+from bench_train import REPO, process_tree, train_worker, write_job
 
 TRACEFS = Path("/sys/kernel/tracing")
 WARM_STEPS = 8  # start-up, first steps and DeepSpeed's warm-up stay out of the window
@@ -153,19 +153,19 @@ class Side:
                 metrics = found[0] if found else None
             if metrics is not None and self.pid is None:
                 try:
-                    self.pid = next(p.pid for p in process_tree(psutil.Process(self.proc.pid))
-                                    if " ".join(p.cmdline()).startswith("ray::RayTrainWorker"))
+                    self.pid = train_worker(process_tree(psutil.Process(self.proc.pid))).pid
                 except (psutil.Error, StopIteration):
                     pass
             if metrics is not None:
                 self.steps = len(metrics.read_text().splitlines())
-            time.sleep(0.1)
+            # Polled gently: this thread's CPU shows up in the table it helps to measure.
+            time.sleep(0.25)
 
     def wait_for_step(self, step: int) -> None:
         while self.steps < step or self.pid is None:
             if self.proc.poll() is not None:
                 sys.exit(f"{self.name} ended before step {step} (exit status {self.proc.returncode})")
-            time.sleep(0.05)
+            time.sleep(0.1)
 
 
 def trace_side(name: str, job: Path, steps: int, overrides: list[str]) -> None:
