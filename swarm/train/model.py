@@ -70,6 +70,7 @@ def load_model(job: JobConfig, precision: str, ds_config: dict[str, Any], device
         device_map={"": device} if device.type == "cuda" else None,
     )
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    keep_4bit_layout(model)
     for param in model.parameters():
         param.requires_grad_(False)
     if job.train.gradient_checkpointing:
@@ -89,6 +90,37 @@ def load_model(job: JobConfig, precision: str, ds_config: dict[str, Any], device
     except ValueError as exc:  # peft names the target modules it could not find
         raise UserError(f"lora.targets: {' '.join(str(exc).split())}") from None
     return model, hf_ds_config
+
+
+def keep_4bit_layout(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights in place on CPUs with AVX512-BF16.
+
+    ``Linear4bit.forward`` in eval mode without gradients (swarm's eval loss) converts its
+    weight, in place, to a packed CPU layout and marks the weight's quant state. Under
+    ZeRO-3 the weight is a partitioned parameter: its next gather brings back the unpacked
+    data while the mark stays, and every later step computes with garbage. The switch is
+    bitsandbytes' own per-module flag, read from the CPU once at construction; turning it
+    off on every machine keeps one code path whatever the CPU.
+
+    Returns:
+        How many 4-bit layers were found (0 for a 16-bit base).
+
+    Raises:
+        RuntimeError: a 4-bit layer lacks the flag (a bitsandbytes release that changed
+            it); training on would risk the silent corruption described above.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ not in ("Linear4bit", "LinearNF4", "LinearFP4"):
+            continue
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            raise RuntimeError(
+                "this bitsandbytes release has no Linear4bit.support_avx512bf16_for_cpu; swarm cannot stop its "
+                "in-place CPU repacking of 4-bit weights (see swarm/train/model.py keep_4bit_layout)"
+            )
+        module.support_avx512bf16_for_cpu = False
+        count += 1
+    return count
 
 
 def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
