@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from trainkit import adapter_tensors, losses, run_dir_of, swarm, write_job
+from trainkit import adapter_tensors, continues_after_evals, falls_by_a_third, losses, run_dir_of, swarm, write_job
 
 pytestmark = pytest.mark.integration
 
@@ -30,17 +30,10 @@ def reference(tiny_models, tmp_path_factory):
     return job, run_dir_of(result), result
 
 
-def falls_by_a_third(run_dir: Path) -> bool:
-    by_step = losses(run_dir)
-    steps = sorted(by_step)
-    first = sum(by_step[s] for s in steps[:2]) / 2
-    last = sum(by_step[s] for s in steps[-2:]) / 2
-    return last < first * 2 / 3
-
-
 def test_full_path_trains_and_records_the_run(reference):
     job, run_dir, result = reference
     assert falls_by_a_third(run_dir), losses(run_dir)
+    assert continues_after_evals(run_dir), losses(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 17))
@@ -216,26 +209,38 @@ def test_resume_refuses_a_changed_adapter_shape(reference, tmp_path):
     assert "lora.r changed from 16 to 8" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_nvme_offload_trains(tiny_models, tmp_path):
-    job = write_job(
-        tmp_path, tiny_models("llama"),
-        offload={"params": "nvme", "optimizer": "nvme", "nvme_path": str(tmp_path / "nvme")},
-        train={"checkpoint_every": 100},
-    )
-    run_dir = run_dir_of(swarm("train", str(job), cwd=tmp_path))
-    assert falls_by_a_third(run_dir), losses(run_dir)
-    assert json.loads((run_dir / "run.json").read_text())["strategy"]["offload_params"] == "nvme"
-    # DeepSpeed swapped real tensors through the folder.
-    assert any((tmp_path / "nvme").rglob("*.swp")) or any((tmp_path / "nvme").iterdir())
+# Every architecture swarm names, with every offload mode it offers (the reference run above
+# is Llama with CPU offload of both). Half the runs train in bf16, which every CPU can run
+# (natively with AVX512-BF16, emulated without), so both precisions are covered on any machine.
+OFFLOAD_MODES = {
+    "none": {"params": "none", "optimizer": "none"},
+    "cpu": {"params": "cpu", "optimizer": "cpu"},
+    "nvme": {"params": "nvme", "optimizer": "nvme"},
+}
+MATRIX = [
+    ("llama", "none", "bf16"), ("llama", "nvme", "fp32"),
+    ("qwen2", "none", "fp32"), ("qwen2", "cpu", "bf16"), ("qwen2", "nvme", "bf16"),
+    ("mistral", "none", "bf16"), ("mistral", "cpu", "fp32"), ("mistral", "nvme", "fp32"),
+]
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
-def test_other_architectures_train(tiny_models, tmp_path, arch):
-    job = write_job(tmp_path, tiny_models(arch), offload={"params": "none", "optimizer": "cpu"},
-                    train={"checkpoint_every": 100})
+@pytest.mark.parametrize(("arch", "offload", "precision"), MATRIX, ids=["-".join(case) for case in MATRIX])
+def test_every_architecture_trains_with_every_offload_mode(tiny_models, tmp_path, arch, offload, precision):
+    modes = dict(OFFLOAD_MODES[offload])
+    if offload == "nvme":
+        modes["nvme_path"] = str(tmp_path / "nvme")
+    job = write_job(tmp_path, tiny_models(arch), offload=modes,
+                    train={"checkpoint_every": 100, "precision": precision})
     run_dir = run_dir_of(swarm("train", str(job), cwd=tmp_path))
     assert falls_by_a_third(run_dir), losses(run_dir)
-    assert math.isfinite(json.loads((run_dir / "run.json").read_text())["train_loss"])
+    assert continues_after_evals(run_dir), losses(run_dir)
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["precision"] == precision and math.isfinite(summary["train_loss"])
+    assert (summary["strategy"]["offload_params"], summary["strategy"]["offload_optimizer"]) == (
+        OFFLOAD_MODES[offload]["params"], OFFLOAD_MODES[offload]["optimizer"])
+    if offload == "nvme":
+        # DeepSpeed swapped real tensors through the folder.
+        assert any((tmp_path / "nvme").rglob("*"))
 
 
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "adafactor"])

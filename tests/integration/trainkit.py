@@ -24,6 +24,9 @@ def write_job(folder: Path, model: Path, **sections) -> Path:
         "train": {
             "max_steps": 16, "micro_batch": 2, "grad_accum": 2, "lr": 5e-3, "warmup_steps": 2,
             "log_every": 1, "eval_every": 8, "checkpoint_every": 4,
+            # Explicit, so a run means the same on every CPU (auto picks bf16 where the CPU
+            # has AVX512-BF16); tests that cover bf16 ask for it.
+            "precision": "fp32",
         },
         "offload": {"params": "cpu", "optimizer": "cpu"},
         "output": {"dir": str(folder / "runs")},
@@ -56,6 +59,33 @@ def losses(run_dir: Path) -> dict[int, float]:
     """Training loss per step from metrics.jsonl."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def falls_by_a_third(run_dir: Path) -> bool:
+    """The mean loss of the last two steps is below two thirds of the first two's."""
+    by_step = losses(run_dir)
+    steps = sorted(by_step)
+    first = sum(by_step[s] for s in steps[:2]) / 2
+    last = sum(by_step[s] for s in steps[-2:]) / 2
+    return last < first * 2 / 3
+
+
+def continues_after_evals(run_dir: Path, slack: float = 1.25) -> bool:
+    """After every eval but the last, the next two steps' loss stays near the two before it.
+
+    An eval must not change the model: on CPUs with AVX512-BF16, bitsandbytes once repacked
+    4-bit weights in place during eval and the loss jumped back to its untrained level.
+    """
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    by_step = losses(run_dir)
+    evals = [r["step"] for r in rows if "eval_loss" in r and r["step"] + 2 in by_step and r["step"] - 1 in by_step]
+    assert evals, "the run has no eval followed by two steps"
+    for step in evals:
+        before = (by_step[step - 1] + by_step[step]) / 2
+        after = (by_step[step + 1] + by_step[step + 2]) / 2
+        if after > before * slack:
+            return False
+    return True
 
 
 def adapter_tensors(folder: Path) -> dict:
