@@ -1,13 +1,16 @@
-"""Writes that survive a crash: data flushed to the disk before a folder is renamed into place.
+"""Writes that survive a crash: data flushed to the disk before it is renamed into place.
 
-Checkpoints and exports are written under a temporary name, flushed with these helpers, and
-only then renamed, so a power cut or a SIGKILL never leaves a half-written folder in place.
+Files and folders are written under a temporary name next to their place, flushed with these
+helpers, and only then renamed over it, so a power cut, a full disk or a SIGKILL never leaves
+a half-written file or folder under the real name: the reader sees the old one or the new one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -25,3 +28,26 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Atomically make ``path`` hold ``data``: a flushed temporary file renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write_bytes(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def replace_text(path: Path, text: str) -> None:
+    """``replace_file`` for text (UTF-8)."""
+    replace_file(path, text.encode())
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``replace_file`` with ``data`` as indented JSON and a final newline."""
+    replace_file(path, (json.dumps(data, indent=2) + "\n").encode())

@@ -1,8 +1,15 @@
-"""What this machine has: versions, GPUs, RAM, offload disk, the interface that reaches a peer.
+"""What this machine has: versions, GPUs, CPU, RAM, offload disk, the interface to a peer.
 
-The agent reports this through its Inventory call; the planner reads the same
-``NodeInventory``. GPUs come from NVML (``nvidia-ml-py``) when a driver is present; on a PC
-without one the list is simply empty.
+The one place the project reads its hardware: the agent reports it through its Inventory
+call, ``swarm plan`` and ``swarm train`` plan with it (on each node of a swarm, through a Ray
+task), and the planner reads the same ``NodeInventory``. GPUs come from NVML
+(``nvidia-ml-py``), not from CUDA: NVML needs no CUDA context and sees a node's cards even
+in a Ray task, where Ray hides them from CUDA. On a PC without an NVIDIA driver the list is
+simply empty.
+
+``SWARM_GPU_MEMORY_GB`` caps what each card reports (and the worker caps its allocator to
+match, ``swarm.train.device.memory_fraction``): a large card then stands in for a consumer
+one, as the GPU check does (tests/gpu/run.sh).
 """
 
 from __future__ import annotations
@@ -85,8 +92,18 @@ def _nvml(fn):
         pynvml.nvmlShutdown()
 
 
+GPU_MEMORY_CAP_ENV = "SWARM_GPU_MEMORY_GB"
+
+
+def gpu_memory_cap_bytes() -> int | None:
+    """The VRAM each card may use, from ``SWARM_GPU_MEMORY_GB``; None when unset."""
+    value = os.environ.get(GPU_MEMORY_CAP_ENV)
+    return int(float(value) * 1024**3) if value else None
+
+
 def gpus() -> tuple[GpuInfo, ...]:
     """NVIDIA GPUs as NVML sees them (name, VRAM, compute capability); empty without NVML."""
+    cap = gpu_memory_cap_bytes()
 
     def read(nv) -> tuple[GpuInfo, ...]:
         found = []
@@ -96,10 +113,26 @@ def gpus() -> tuple[GpuInfo, ...]:
             name = name.decode() if isinstance(name, bytes) else name
             vram = int(nv.nvmlDeviceGetMemoryInfo(handle).total)
             cc = tuple(int(x) for x in nv.nvmlDeviceGetCudaComputeCapability(handle))
-            found.append(GpuInfo(name=name, vram_bytes=vram, compute_capability=cc))
+            found.append(GpuInfo(name=name, vram_bytes=min(vram, cap) if cap else vram, compute_capability=cc))
         return tuple(found)
 
     return _nvml(read) or ()
+
+
+def cpu_flags() -> set[str]:
+    """CPU feature flags, e.g. {'avx2', 'amx_bf16'}; empty where /proc/cpuinfo is missing."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def computes_bf16(flags: set[str]) -> bool:
+    """Whether a CPU with these flags computes bf16 natively (AMX or AVX512-BF16)."""
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def ram_bytes() -> int:
@@ -108,8 +141,13 @@ def ram_bytes() -> int:
 
 
 def disk_free_bytes(folder: Path) -> int:
-    """Free bytes on the filesystem of ``folder`` (created if missing)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Free bytes on the filesystem of ``folder``, or of its nearest existing parent.
+
+    Nothing is created: planning a job must not leave folders behind.
+    """
+    folder = Path(folder).expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     return int(shutil.disk_usage(folder).free)
 
 
@@ -160,12 +198,14 @@ def interface_to(peer: str) -> tuple[str, str] | None:
     return choose_interface(peer, interfaces(), routed_source_address(peer))
 
 
-def inventory(peer: str | None = None, offload: Path | None = None, write_speed: float | None = None) -> NodeInventory:
+def inventory(peer: str | None = None, offload: str | Path | None = None,
+              write_speed: float | None = None) -> NodeInventory:
     """This machine's ``NodeInventory``.
 
     Args:
         peer: address of the PC to reach (the head); fills ``address`` and ``interface``.
-        offload: the offload folder whose free space is reported.
+        offload: the offload folder whose free space is reported (that of its nearest
+            existing parent when it does not exist yet).
         write_speed: an already measured write speed of ``offload`` (the agent caches it);
             None leaves it unmeasured.
     """
@@ -174,9 +214,10 @@ def inventory(peer: str | None = None, offload: Path | None = None, write_speed:
         hostname=socket.gethostname(),
         ram_bytes=ram_bytes(),
         gpus=gpus(),
+        cpu_bf16=computes_bf16(cpu_flags()),
         address=reach[1] if reach else None,
         interface=reach[0] if reach else None,
-        offload_free_bytes=disk_free_bytes(offload) if offload else None,
+        offload_free_bytes=disk_free_bytes(Path(offload)) if offload else None,
         offload_write_bytes_per_s=write_speed,
         versions=versions(),
     )

@@ -26,6 +26,7 @@ class NodeInventory:
     hostname: str
     ram_bytes: int
     gpus: tuple[GpuInfo, ...] = ()
+    cpu_bf16: bool = False  # the CPU computes bf16 natively (AMX or AVX512-BF16)
     address: str | None = None  # the address other nodes reach it at
     offload_free_bytes: int | None = None  # free space in the offload (NVMe) folder
     offload_write_bytes_per_s: float | None = None  # measured write speed of that folder

@@ -29,8 +29,9 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from swarm.config import load_job
+    from swarm.hardware import inventory
     from swarm.plan.decide import inventory_from_cluster, make_plan
-    from swarm.plan.hardware_file import load_hardware, local_inventory
+    from swarm.plan.hardware_file import load_hardware
 
     job = load_job(args.job, args.overrides)
     link_gbps = None
@@ -40,7 +41,7 @@ def run(args) -> int:
     elif args.cluster:
         nodes = inventory_from_cluster(args.insecure)
     else:
-        nodes = [local_inventory(job.offload.nvme_path)]
+        nodes = [inventory(offload=job.offload.nvme_path)]
     plan = make_plan(job, nodes, link_gbps=link_gbps)
     if args.json:
         print(json.dumps(plan.to_dict()))

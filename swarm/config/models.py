@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-OffloadTarget = Literal["none", "cpu", "nvme"]
+OffloadTarget = Literal["auto", "none", "cpu", "nvme"]
 
 
 class Section(BaseModel):
@@ -111,8 +111,14 @@ class TrainSection(Section):
 
 
 class OffloadSection(Section):
-    params: OffloadTarget = "none"
-    optimizer: OffloadTarget = "none"
+    """Where ZeRO keeps the base's partitions and the optimizer state.
+
+    ``auto`` lets the planner choose the fastest placement that fits (NVMe only when
+    ``nvme_path`` is set); ``none``, ``cpu`` and ``nvme`` fix it.
+    """
+
+    params: OffloadTarget = "auto"
+    optimizer: OffloadTarget = "auto"
     nvme_path: str | None = None
 
 
@@ -152,7 +158,7 @@ class JobConfig(Section):
                 f"train.min_workers={self.train.min_workers} is above train.workers={self.train.workers}; "
                 "lower min_workers or raise workers"
             )
-        if self.offload.optimizer != "none" and self.train.optimizer != "adamw":
+        if self.offload.optimizer in ("cpu", "nvme") and self.train.optimizer != "adamw":
             raise ValueError(
                 f"train.optimizer={self.train.optimizer} runs on the device and cannot be offloaded; "
                 "use train.optimizer=adamw (DeepSpeed CPU Adam) or offload.optimizer=none"

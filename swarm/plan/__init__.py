@@ -1,16 +1,17 @@
-"""Planning: will a job fit on these machines, with which strategy, and how fast will it run.
+"""Planning: where the workers run, with which strategy and precision, whether the job fits,
+how fast it will run, and the exact DeepSpeed config: one frozen :class:`Plan`.
 
 Pure arithmetic over the model's shape (counted on the meta device, no weights) and the
 machines' inventories. The entry point is :func:`make_plan`.
 """
 
 from swarm.plan.decide import Candidate, NodeFigures, Plan, inventory_from_cluster, make_plan, workload_from_job
-from swarm.plan.hardware_file import Hardware, load_hardware, local_inventory
+from swarm.plan.hardware_file import Hardware, load_hardware
 from swarm.plan.memory import STRATEGIES, Overheads, Strategy, Workload
 from swarm.plan.shapes import ModelShape, bundled_names, load_shape
 
 __all__ = [
     "STRATEGIES", "Candidate", "Hardware", "ModelShape", "NodeFigures", "Overheads", "Plan", "Strategy",
-    "Workload", "bundled_names", "inventory_from_cluster", "load_hardware", "load_shape", "local_inventory",
-    "make_plan", "workload_from_job",
+    "Workload", "bundled_names", "inventory_from_cluster", "load_hardware", "load_shape", "make_plan",
+    "workload_from_job",
 ]

@@ -1,11 +1,13 @@
-"""Choosing a strategy: every candidate is sized on every node, the fastest that fits wins.
+"""The plan of a job: one frozen answer from the machines to the run.
 
-``make_plan(job, nodes)`` is the public entry point. It builds the model's shape from its
-config (no weights), tries each strategy of ``swarm.plan.memory.STRATEGIES`` with the job's
-micro-batch and, when that does not fit, smaller ones that keep the samples per step (the
-accumulation grows to match), and picks the fitting candidate with the shortest estimated
-step. The resulting :class:`Plan` carries the per-node figures and the DeepSpeed ZeRO
-section that the training run must use for the figures to hold.
+``make_plan(job, nodes)`` is the public entry point. It places the workers, builds the
+model's shape from its config (no weights), tries each strategy the job allows (see
+``allowed_strategies``) with the job's micro-batch and, when that does not fit, smaller
+ones that keep the samples per step (the accumulation grows to match), and picks the
+fitting candidate with the shortest estimated step. The resulting :class:`Plan` holds the
+placement, strategy and why, precision, micro-batch and accumulation, the exact DeepSpeed
+config, and the memory figures per node. ``swarm plan`` prints it, ``swarm train`` writes
+it to RUN/plan.json, and the workers initialise DeepSpeed with its config as it is.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from swarm.config.models import JobConfig
 from swarm.errors import UserError
 from swarm.inventory import GpuInfo, NodeInventory
 from swarm.plan import memory as mem
+from swarm.plan.deepspeed import deepspeed_config, resolve_precision
 from swarm.plan.gpus import CPU_DEVICE, UNKNOWN_GPU, find_gpu
+from swarm.plan.placement import NodeSlots, Placement, node_capacity, place_workers, spread_workers
 from swarm.plan.shapes import ModelShape, load_shape
 from swarm.plan.speed import StepEstimate, estimate_step, links_for
 
@@ -119,24 +123,32 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Plan:
-    """What ``swarm plan`` decided; ``swarm train`` refuses to start when ``fits`` is false.
+    """The one answer to "how does this job run here": ``swarm plan`` prints it,
+    ``swarm train`` refuses to start when ``fits`` is false, and the workers use it verbatim.
 
     Attributes:
         fits: the chosen candidate fits on every node.
+        placement: how many workers, where, what each reserves.
         strategy: the chosen strategy (the closest candidate when nothing fits).
+        strategy_reason: why this strategy, one line.
         micro_batch / grad_accum: per worker; their product is the job's samples per step.
-        reason: one line saying why nothing fits; None when it fits.
-        nodes: per-node figures of the chosen candidate.
-        candidates: every strategy tried.
-        workers: training workers (one per GPU, one per CPU node).
         precision: bf16, fp16 (a card without bf16) or fp32.
-        notes: things the user must do for the plan to hold (e.g. set offload.nvme_path).
+        deepspeed: the DeepSpeed config the workers initialise with, exactly.
+        reason: one line saying why nothing fits; None when it fits.
+        nodes: per-node figures of the chosen candidate (nodes that host workers).
+        candidates: every strategy tried.
+        workers: training workers in all.
+        notes: things the user should know for the plan to hold.
     """
 
     fits: bool
+    placement: Placement
     strategy: mem.Strategy
+    strategy_reason: str
     micro_batch: int
     grad_accum: int
+    precision: str
+    deepspeed: dict
     reason: str | None
     nodes: tuple[NodeFigures, ...]
     candidates: tuple[Candidate, ...]
@@ -144,9 +156,7 @@ class Plan:
     workload: mem.Workload
     knobs: mem.ZeroKnobs
     workers: int
-    precision: str
     seq_len: int
-    nvme_path: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -157,37 +167,16 @@ class Plan:
     def tokens_per_s(self) -> float:
         return self.workers * self.micro_batch * self.grad_accum * self.seq_len / self.step_seconds
 
-    def zero_config(self) -> dict:
-        """The ``zero_optimization`` section of the DeepSpeed config these figures assume."""
-        s, k = self.strategy, self.knobs
-        cfg: dict = {"stage": s.zero_stage}
-        if s.zero_stage == 0:
-            return cfg
-        cfg.update(reduce_bucket_size=k.reduce_bucket_size, contiguous_gradients=True, overlap_comm=True)
-        if s.zero_stage == 3:
-            cfg.update(stage3_prefetch_bucket_size=k.prefetch_bucket_size,
-                       stage3_max_live_parameters=k.max_live_parameters,
-                       stage3_max_reuse_distance=k.max_reuse_distance,
-                       stage3_param_persistence_threshold=k.param_persistence_threshold,
-                       sub_group_size=k.sub_group_size)
-        pin = any(n.gpu_capacity for n in self.nodes)  # pinned host memory speeds PCIe copies only
-        if s.offload_params != "none":
-            cfg["offload_param"] = {"device": s.offload_params, "pin_memory": pin}
-            if s.offload_params == "nvme":
-                cfg["offload_param"].update(nvme_path=self.nvme_path, buffer_count=k.param_buffer_count,
-                                            buffer_size=k.param_buffer_size)
-        if s.offload_optimizer != "none":
-            cfg["offload_optimizer"] = {"device": s.offload_optimizer, "pin_memory": pin}
-            if s.offload_optimizer == "nvme":
-                cfg["offload_optimizer"].update(nvme_path=self.nvme_path, buffer_count=k.optimizer_buffer_count)
-        return cfg
-
     def to_dict(self) -> dict:
+        """The plan as JSON data: RUN/plan.json, ``swarm plan --json``, what the workers receive."""
         m = self.model
         return {
-            "fits": self.fits, "reason": self.reason, "strategy": self.strategy.to_dict(),
-            "micro_batch": self.micro_batch, "grad_accum": self.grad_accum, "workers": self.workers,
-            "precision": self.precision, "seq_len": self.seq_len,
+            "fits": self.fits, "reason": self.reason,
+            "placement": self.placement.to_dict(),
+            "strategy": {**self.strategy.to_dict(), "reason": self.strategy_reason},
+            "precision": self.precision, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
+            "workers": self.workers, "seq_len": self.seq_len,
+            "deepspeed": self.deepspeed,
             "step_seconds": self.step_seconds, "tokens_per_s": self.tokens_per_s,
             "bytes_sent_per_step": max(n.step.bytes_sent for n in self.nodes),
             "model": {"name": m.name, "model_type": m.model_type, "params": m.total_params,
@@ -195,47 +184,54 @@ class Plan:
                       "lora_params": m.lora_params(self.workload.lora_targets, self.workload.lora_r)},
             "nodes": [n.to_dict() for n in self.nodes],
             "candidates": [c.to_dict() for c in self.candidates],
-            "zero_optimization": self.zero_config(), "notes": list(self.notes),
+            "notes": list(self.notes),
         }
 
 
-def make_plan(job: JobConfig, nodes: list[NodeInventory], *, link_gbps: float | None = None,
-              strategies: list[mem.Strategy] | None = None,
+def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placement | None = None,
+              workers_per_node: list[int] | None = None, link_gbps: float | None = None,
               overheads: mem.Overheads = mem.OVERHEADS) -> Plan:
-    """Size every strategy on every node and choose the fastest that fits everywhere.
+    """Place the workers, size every allowed strategy on every node, choose the fastest that fits.
 
     Args:
         job: the validated job.
         nodes: the machines; the first is the head (it runs the Ray head and the driver).
-            Each GPU gets a worker; a node without GPUs gets one CPU worker, or
-            ``train.workers`` of them when it is the only node.
+        placement: the workers' placement; by default one worker per GPU on every node
+            (one per CPU-only node), or ``train.workers`` on a single machine.
+        workers_per_node: how many workers each node hosts; by default the placement's
+            workers fill the nodes in order. Nodes given none are left out of the plan.
         link_gbps: network between nodes in Gb/s (default 1).
-        strategies: the strategies to try; default all of ``STRATEGIES``, or only the one the
-            job's ``offload`` section names when it asks for an offload.
         overheads: fixed costs (calibration sets these).
 
     Raises:
-        UserError: no nodes, or a model whose shape cannot be known (see ``load_shape``).
+        UserError: no nodes, a job whose settings exclude every strategy, a placement the
+            machines cannot host, or a model whose shape cannot be known (``load_shape``).
     """
     if not nodes:
         raise UserError("no machines to plan for")
-    shape = load_shape(job.model.path)
-    per_node = _workers_per_node(job, nodes)
+    placement = placement or placement_for(job, nodes)
+    if workers_per_node is None:
+        capacities = [node_capacity(placement, len(n.gpus) or 1, len(n.gpus)) for n in nodes]
+        workers_per_node = spread_workers(placement.max_workers, capacities)
+    hosting = [(n, k) for n, k in zip(nodes, workers_per_node) if k > 0]
+    nodes, per_node = [n for n, _ in hosting], [k for _, k in hosting]
     world = sum(per_node)
-    precision = _precision(job, nodes)
+    precision = plan_precision(job, nodes, placement.use_gpu)
+    shape = load_shape(job.model.path)
     work = workload_from_job(job, 4 if precision == "fp32" else 2)
     shape.lora_groups(work.lora_targets)  # raises a UserError for a target the model lacks
     knobs = mem.choose_knobs(shape, work, world)
     samples = job.train.micro_batch * job.train.grad_accum
     batches = [m for m in range(job.train.micro_batch, 0, -1) if samples % m == 0]
+    device = "gpu" if placement.use_gpu else "cpu"
 
     candidates = []
-    for strategy in _strategies(job, strategies):
+    for strategy in allowed_strategies(job):
         attempt = None
         for mb in batches:
             w = replace(work, micro_batch=mb)
             figures = tuple(
-                _node_figures(node, i == 0, n, shape, w, strategy, world, knobs, overheads,
+                _node_figures(node, i == 0, n, device, shape, w, strategy, world, knobs, overheads,
                               link_gbps, samples // mb, multi_node=len(nodes) > 1)
                 for i, (node, n) in enumerate(zip(nodes, per_node))
             )
@@ -249,27 +245,98 @@ def make_plan(job: JobConfig, nodes: list[NodeInventory], *, link_gbps: float | 
     if fitting:
         chosen = min(fitting, key=lambda c: c.step_seconds)
         reason = None
-        if chosen.strategy.uses_nvme and not job.offload.nvme_path:
-            notes.append("set offload.nvme_path to a folder on the NVMe drive")
         slowest = max(chosen.nodes, key=lambda n: n.step.seconds)
         if slowest.step.bottleneck == "network":
             notes.append(f"the network sets the pace: {slowest.step.bytes_sent / 1e9:.1f} GB per worker per step "
                          f"over {link_gbps or 1:g} Gb/s; a faster link or fewer machines may train faster")
     else:
         chosen = min(candidates, key=lambda c: c.overflow())
-        reason = (f"nothing fits; closest is {chosen.strategy.label} at micro_batch {chosen.micro_batch}: "
+        reason = (f"nothing fits; closest is {chosen.strategy.name} at micro_batch {chosen.micro_batch}: "
                   f"{chosen.problem}")
-    if isinstance(job.train.workers, int) and job.train.workers > world:
-        reason = f"train.workers={job.train.workers} but the machines offer {world} workers (one per GPU)"
     if precision == "fp16":
         notes.append("a GPU without bf16 (Turing or older) makes the whole job train in fp16")
     return Plan(
-        fits=reason is None, strategy=chosen.strategy, micro_batch=chosen.micro_batch,
-        grad_accum=chosen.grad_accum, reason=reason, nodes=chosen.nodes, candidates=tuple(candidates),
+        fits=reason is None, placement=placement, strategy=chosen.strategy,
+        strategy_reason=strategy_reason(job, chosen, candidates, world),
+        micro_batch=chosen.micro_batch, grad_accum=chosen.grad_accum, precision=precision,
+        deepspeed=deepspeed_config(job, chosen.strategy, precision, chosen.micro_batch, chosen.grad_accum,
+                                   knobs, pin_memory=placement.use_gpu),
+        reason=reason, nodes=chosen.nodes, candidates=tuple(candidates),
         model=shape, workload=replace(work, micro_batch=chosen.micro_batch),
-        knobs=knobs, workers=world, precision=precision, seq_len=job.data.seq_len,
-        nvme_path=job.offload.nvme_path, notes=tuple(notes),
+        knobs=knobs, workers=world, seq_len=job.data.seq_len, notes=tuple(notes),
     )
+
+
+def placement_for(job: JobConfig, nodes: list[NodeInventory]) -> Placement:
+    """The placement ``swarm train`` would choose on these machines, without asking Ray.
+
+    One machine is a local run (``train.workers`` workers, one per GPU by default); several
+    are a swarm whose every node offers one worker slot per GPU, or one without GPUs.
+    """
+    if len(nodes) == 1:
+        return place_workers(job, None, local_gpus=len(nodes[0].gpus))
+    slots = [NodeSlots(n.hostname, n.address or n.hostname, len(n.gpus) or 1, len(n.gpus)) for n in nodes]
+    return place_workers(job, slots, local_gpus=0)
+
+
+def plan_precision(job: JobConfig, nodes: list[NodeInventory], on_gpu: bool) -> str:
+    """One precision for every worker: see ``swarm.plan.deepspeed.resolve_precision``."""
+    capabilities = None
+    if on_gpu:
+        capabilities = [g.compute_capability or (find_gpu(g.name) or UNKNOWN_GPU).compute_capability
+                        for n in nodes for g in n.gpus]
+    return resolve_precision(job.train.precision, capabilities, all(n.cpu_bf16 for n in nodes))
+
+
+def allowed_strategies(job: JobConfig) -> list[mem.Strategy]:
+    """The strategies this job's settings allow, in the planner's order of preference.
+
+    ``train.strategy`` picks the kind (``auto``: both); ``offload.params`` and
+    ``offload.optimizer`` pick the offload targets (``auto``: any, NVMe only when
+    ``offload.nvme_path`` names a folder); only AdamW runs off the device (DeepSpeed's CPU Adam).
+
+    Raises:
+        UserError: the settings exclude every strategy.
+    """
+    offload, train = job.offload, job.train
+    kinds = ("replicate", "shard") if train.strategy == "auto" else (train.strategy,)
+
+    def allows(setting: str, target: str) -> bool:
+        if setting == "auto":
+            return target != "nvme" or bool(offload.nvme_path)
+        return setting == target
+
+    allowed = [
+        s for s in mem.STRATEGIES
+        if s.kind in kinds and allows(offload.params, s.offload_params) and allows(offload.optimizer, s.offload_optimizer)
+        and (s.offload_optimizer == "none" or train.optimizer == "adamw")
+    ]
+    if not allowed:
+        raise UserError(
+            f"train.strategy={train.strategy} keeps the whole 4-bit base on every worker and offloads only the "
+            f"optimizer, to CPU RAM; it cannot take offload.params={offload.params} with "
+            f"offload.optimizer={offload.optimizer}; use train.strategy=shard or change the offload settings"
+        )
+    return allowed
+
+
+def strategy_reason(job: JobConfig, chosen: Candidate, candidates: list[Candidate], world: int) -> str:
+    """Why ``chosen`` won, in one line."""
+    if job.train.strategy != "auto":
+        return f"train.strategy={job.train.strategy} in the job"
+    others = [c for c in candidates if c.strategy.kind != chosen.strategy.kind]
+    prefix = "one worker; " if world == 1 else ""
+    if not others:
+        return f"{prefix}the job's offload settings need {chosen.strategy.label}"
+    best_other = min(others, key=lambda c: (not c.fits, c.step_seconds))
+    if not best_other.fits:
+        return f"{prefix}{best_other.strategy.kind} does not fit ({best_other.problem})"
+    return (f"{prefix}fastest that fits: about {_seconds(chosen.step_seconds)} per step against "
+            f"{_seconds(best_other.step_seconds)} for {best_other.strategy.name}")
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
 
 
 def workload_from_job(job: JobConfig, compute_bytes: int = 2) -> mem.Workload:
@@ -317,51 +384,9 @@ def inventory_from_cluster(insecure: bool = False) -> list[NodeInventory]:
     ]
 
 
-def _workers_per_node(job: JobConfig, nodes: list[NodeInventory]) -> list[int]:
-    if len(nodes) == 1 and not nodes[0].gpus:
-        # Several CPU workers on one machine: what the tests run.
-        return [job.train.workers if isinstance(job.train.workers, int) else 1]
-    return [len(n.gpus) or 1 for n in nodes]
-
-
-def _precision(job: JobConfig, nodes: list[NodeInventory]) -> str:
-    # The rule of swarm.train.ds_config.resolve_precision: bf16 where the device computes it
-    # natively, fp16 on GPUs before Ampere, fp32 on CPUs without AMX or AVX512-BF16. A
-    # CPU-only inventory is planned with this machine's CPU flags (it is where such jobs run).
-    if job.train.precision != "auto":
-        return job.train.precision
-    gpus = [g for n in nodes for g in n.gpus]
-    if not gpus:
-        return "bf16" if _cpu_flags() & {"amx_bf16", "avx512_bf16"} else "fp32"
-    for gpu in gpus:
-        cc = gpu.compute_capability or (find_gpu(gpu.name) or UNKNOWN_GPU).compute_capability
-        if tuple(cc) < (8, 0):
-            return "fp16"
-    return "bf16"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
-def _strategies(job: JobConfig, given: list[mem.Strategy] | None) -> list[mem.Strategy]:
-    if given:
-        return list(given)
-    if job.offload.params != "none" or job.offload.optimizer != "none":
-        return [mem.Strategy(3, job.offload.params, job.offload.optimizer)]
-    if job.train.optimizer != "adamw":  # only DeepSpeed's CPU Adam runs off the device
-        return [s for s in mem.STRATEGIES if s.offload_optimizer == "none"]
-    return list(mem.STRATEGIES)
-
-
-def _node_figures(node: NodeInventory, is_head: bool, workers: int, shape: ModelShape, work: mem.Workload,
-                  strategy: mem.Strategy, world: int, knobs: mem.ZeroKnobs, overheads: mem.Overheads,
-                  link_gbps: float | None, grad_accum: int, multi_node: bool) -> NodeFigures:
-    device = "gpu" if node.gpus else "cpu"
+def _node_figures(node: NodeInventory, is_head: bool, workers: int, device: str, shape: ModelShape,
+                  work: mem.Workload, strategy: mem.Strategy, world: int, knobs: mem.ZeroKnobs,
+                  overheads: mem.Overheads, link_gbps: float | None, grad_accum: int, multi_node: bool) -> NodeFigures:
     wterms = mem.worker_terms(shape, work, strategy, world, knobs, device, overheads)
     nterms = mem.node_terms(work, is_head, overheads)
     gpu = mem.peak(wterms, "gpu")
@@ -372,7 +397,7 @@ def _node_figures(node: NodeInventory, is_head: bool, workers: int, shape: Model
     ram = mem.peak(scaled + nterms, "ram")
     nvme = mem.peak(scaled, "nvme")
     ram_limit = int(node.ram_bytes * overheads.ram_limit_fraction)
-    capacity = min((g.vram_bytes for g in node.gpus), default=0)
+    capacity = min((g.vram_bytes for g in node.gpus), default=0) if device == "gpu" else 0
 
     problem = None
     if device == "gpu" and gpu > capacity:
@@ -384,11 +409,12 @@ def _node_figures(node: NodeInventory, is_head: bool, workers: int, shape: Model
     elif nvme > (node.offload_free_bytes or 0):
         problem = _overflow("NVMe", nvme, node.offload_free_bytes or 0, mem.peak_terms(wterms, "nvme")[0], " free")
 
-    specs = [find_gpu(g.name) or UNKNOWN_GPU for g in node.gpus] or [CPU_DEVICE]
+    specs = [find_gpu(g.name) or UNKNOWN_GPU for g in node.gpus] if device == "gpu" else [CPU_DEVICE]
     spec = min(specs, key=lambda s: s.tflops)  # the slowest card sets the pace
     links = links_for(spec.pcie_gbs, node.offload_write_bytes_per_s, link_gbps, multi_node)
     step = estimate_step(shape, work, strategy, world, knobs, grad_accum, spec, links)
-    names = ", ".join(f"{node.gpus.count(g)}x {g.name}" for g in dict.fromkeys(node.gpus)) or "CPU"
+    names = (", ".join(f"{node.gpus.count(g)}x {g.name}" for g in dict.fromkeys(node.gpus)) if device == "gpu"
+             else "") or "CPU"
     return NodeFigures(
         name=node.hostname, device=names, workers=workers, fits=problem is None, gpu_bytes=gpu,
         gpu_allocated_bytes=allocated, gpu_capacity=capacity, ram_bytes=ram, ram_limit=ram_limit,

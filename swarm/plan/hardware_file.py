@@ -15,7 +15,6 @@ vendors print). A GPU the table in ``swarm.plan.gpus`` knows may omit ``vram_gb`
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,36 +110,4 @@ def _node(path: Path, entry: NodeEntry) -> NodeInventory:
         gpus=tuple(gpus),
         offload_free_bytes=int(entry.nvme_gb * 1e9) if entry.nvme_gb is not None else None,
         offload_write_bytes_per_s=entry.nvme_write_gbs * 1e9 if entry.nvme_write_gbs else None,
-    )
-
-
-def local_inventory(offload_dir: str | Path | None = None) -> NodeInventory:
-    """This machine: RAM from psutil, GPUs from torch.cuda, free space of the offload folder.
-
-    Args:
-        offload_dir: the job's ``offload.nvme_path``; its nearest existing parent is measured
-            (the current folder when None).
-    """
-    import platform
-
-    import psutil
-
-    gpus: list[GpuInfo] = []
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                props = torch.cuda.get_device_properties(i)
-                gpus.append(GpuInfo(props.name, int(props.total_memory), (props.major, props.minor)))
-    except ImportError:  # a planning-only install without torch plans this machine as a CPU node
-        pass
-    folder = Path(offload_dir).expanduser() if offload_dir else Path.cwd()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return NodeInventory(
-        hostname=platform.node() or "this machine",
-        ram_bytes=int(psutil.virtual_memory().total),
-        gpus=tuple(gpus),
-        offload_free_bytes=int(shutil.disk_usage(folder).free),
     )

@@ -41,28 +41,38 @@ OFFLOAD_TARGETS = ("none", "cpu", "nvme")
 
 @dataclass(frozen=True)
 class Strategy:
-    """How the work is spread: ZeRO stage (0 means a replicated base with data parallel)
-    and where ZeRO-3 keeps the parameter partitions and the optimizer state."""
+    """How the work is spread over the workers, and where ZeRO keeps what.
+
+    Two kinds, one name each across planner and trainer:
+
+    - ``replicate`` (ZeRO-2): every worker holds the whole 4-bit base; only LoRA gradients
+      and weights cross the network, and the LoRA optimizer state is partitioned, in CPU
+      RAM when ``offload_optimizer`` is ``cpu`` (ZeRO-2 offloads nowhere else).
+    - ``shard`` (ZeRO-3): the base is partitioned over the workers, its partitions kept on
+      the device, in CPU RAM or on NVMe (``offload_params``), the optimizer state likewise.
+    """
 
     zero_stage: int
     offload_params: str = "none"
     offload_optimizer: str = "none"
 
     def __post_init__(self):
-        if self.zero_stage not in (0, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 2 or 3, not {self.zero_stage}")
+        if self.zero_stage not in (2, 3):
+            raise ValueError(f"zero_stage must be 2 (replicate) or 3 (shard), not {self.zero_stage}")
         if self.offload_params not in OFFLOAD_TARGETS or self.offload_optimizer not in OFFLOAD_TARGETS:
             raise ValueError("offload targets are none, cpu or nvme")
         if self.offload_params != "none" and self.zero_stage != 3:
-            raise ValueError("parameter offload needs ZeRO stage 3")
-        if self.offload_optimizer != "none" and self.zero_stage == 0:
-            raise ValueError("optimizer offload needs ZeRO stage 2 or 3")
+            raise ValueError("parameter offload needs ZeRO stage 3 (shard)")
+        if self.offload_optimizer == "nvme" and self.zero_stage != 3:
+            raise ValueError("ZeRO-2 (replicate) offloads the optimizer to CPU RAM only")
+
+    @property
+    def kind(self) -> str:
+        return "replicate" if self.zero_stage == 2 else "shard"
 
     @property
     def name(self) -> str:
-        if self.zero_stage == 0:
-            return "replicate"
-        name = f"zero{self.zero_stage}"
+        name = self.kind
         if self.offload_params != "none":
             name += f"-params-{self.offload_params}"
         if self.offload_optimizer != "none":
@@ -71,10 +81,8 @@ class Strategy:
 
     @property
     def label(self) -> str:
-        if self.zero_stage == 0:
-            return "replicated base, data parallel"
         where = {"cpu": "CPU RAM", "nvme": "NVMe"}
-        parts = [f"ZeRO-{self.zero_stage}"]
+        parts = ["replicated 4-bit base, ZeRO-2" if self.zero_stage == 2 else "sharded base, ZeRO-3"]
         if self.offload_params != "none":
             parts.append(f"parameters in {where[self.offload_params]}")
         if self.offload_optimizer != "none":
@@ -86,15 +94,17 @@ class Strategy:
         return "nvme" in (self.offload_params, self.offload_optimizer)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "zero_stage": self.zero_stage, "offload_params": self.offload_params,
-                "offload_optimizer": self.offload_optimizer, "label": self.label}
+        return {"name": self.kind, "variant": self.name, "zero_stage": self.zero_stage,
+                "offload_params": self.offload_params, "offload_optimizer": self.offload_optimizer,
+                "label": self.label}
 
 
-# The strategies the planner tries, fastest first when they fit equally. For QLoRA the
-# optimizer state covers only the adapters, so the NVMe choices matter for the parameters.
+# Every strategy the planner knows, preferred first when two are estimated equally fast.
+# For QLoRA the optimizer state covers only the adapters, so the NVMe choices matter for
+# the parameters.
 STRATEGIES = (
-    Strategy(0),
     Strategy(2),
+    Strategy(2, "none", "cpu"),
     Strategy(3),
     Strategy(3, "none", "cpu"),
     Strategy(3, "cpu", "none"),
@@ -165,7 +175,7 @@ class ZeroKnobs:
 
     reduce_bucket_size: int
     param_buffer_size: int
-    # The same values as swarm.train.ds_config: DeepSpeed's 5e8-1e9 defaults suit datacenter cards.
+    # DeepSpeed's 5e8-1e9 defaults suit datacenter cards; swarm.plan.deepspeed writes these.
     prefetch_bucket_size: int = 50_000_000
     max_live_parameters: int = 100_000_000
     max_reuse_distance: int = 100_000_000
@@ -263,7 +273,11 @@ def worker_terms(shape: ModelShape, work: Workload, strategy: Strategy, world: i
         if strategy.offload_params == "none":
             add("ZeRO-3 parameter partition", dev, part_bytes)
         elif strategy.offload_params == "cpu":
-            add("offloaded parameter partition (pinned)", "ram", part_bytes)
+            # A GPU worker partitions the base it loaded into RAM one parameter at a time,
+            # freeing each whole copy as its partition is made: at the load peak the two
+            # together never exceed the loaded base, which the load term below counts.
+            add("offloaded parameter partition (pinned)", "ram", part_bytes,
+                "train" if device == "gpu" and quantized else "always")
         else:
             add("parameter partition on NVMe", "nvme", part_bytes)
             add("NVMe parameter swap buffers (pinned)", "ram", knobs.param_buffer_count * knobs.param_buffer_size * d)
@@ -281,27 +295,23 @@ def worker_terms(shape: ModelShape, work: Workload, strategy: Strategy, world: i
         if device == "cpu":
             add("4-bit dequantized copies kept by malloc", "ram", overheads.cpu_dequant_retained * quantized * d, "train")
 
-    # Trainable state: gradients and optimizer (LoRA parameters only).
+    # Trainable state: gradients and optimizer (LoRA parameters only), partitioned by ZeRO.
     per_param = optimizer_bytes_per_param(work.optimizer, d)
-    if strategy.zero_stage == 0:
-        add("LoRA gradients", dev, lora * d, "train")
-        add("optimizer state (master, moments, fp32 grads)", dev, lora * per_param, "train")
+    share = math.ceil(lora / world)
+    # DeepSpeed allocates the bucket at full size; on a CPU only the pages written (at
+    # most the trainable count) become resident.
+    bucket = knobs.reduce_bucket_size if device == "gpu" else min(knobs.reduce_bucket_size, lora)
+    add("gradient reduce bucket", dev, bucket * d, "train")
+    if strategy.offload_optimizer == "none":
+        add("optimizer state partition", dev, share * per_param, "train")
+    elif strategy.offload_optimizer == "cpu":
+        add("offloaded optimizer state (CPU Adam)", "ram", share * per_param, "train")
     else:
-        share = math.ceil(lora / world)
-        # DeepSpeed allocates the bucket at full size; on a CPU only the pages written (at
-        # most the trainable count) become resident.
-        bucket = knobs.reduce_bucket_size if device == "gpu" else min(knobs.reduce_bucket_size, lora)
-        add("gradient reduce bucket", dev, bucket * d, "train")
-        if strategy.offload_optimizer == "none":
-            add("optimizer state partition", dev, share * per_param, "train")
-        elif strategy.offload_optimizer == "cpu":
-            add("offloaded optimizer state (CPU Adam)", "ram", share * per_param, "train")
-        else:
-            group = min(share, knobs.sub_group_size)
-            add("optimizer state on NVMe", "nvme", share * (per_param - 4), "train")
-            add("fp32 gradient partition", "ram", share * 4, "train")
-            add("NVMe optimizer swap buffers (pinned)", "ram", knobs.optimizer_buffer_count * group * 4, "train")
-            add("CPU Adam working sub-group", "ram", group * (per_param - 4), "train")
+        group = min(share, knobs.sub_group_size)
+        add("optimizer state on NVMe", "nvme", share * (per_param - 4), "train")
+        add("fp32 gradient partition", "ram", share * 4, "train")
+        add("NVMe optimizer swap buffers (pinned)", "ram", knobs.optimizer_buffer_count * group * 4, "train")
+        add("CPU Adam working sub-group", "ram", group * (per_param - 4), "train")
 
     for name, nbytes in activation_terms(shape, work):
         add(name, dev, nbytes, "train")
@@ -309,8 +319,15 @@ def worker_terms(shape: ModelShape, work: Workload, strategy: Strategy, world: i
     # Loading: transformers reads one checkpoint shard at a time and quantizes tensor by tensor.
     # The shard is memory-mapped; its pages count in the RSS once read (on CPU workers the
     # shared RSS rose by 95-105% of the file's size at the load peak in every calibration run).
+    # A 4-bit base that ZeRO-3 will shard is loaded into host RAM first (a GPU worker cannot
+    # hold it whole; see swarm.train.device.loading_arguments), then partitioned.
     largest_tensor = max(g.weight_numel for g in shape.groups)
-    add("loading: one tensor in 16-bit", dev, largest_tensor * shape.checkpoint_dtype_bytes, "load")
+    loads_in_ram = device == "gpu" and strategy.zero_stage == 3 and quantized
+    add("loading: one tensor in 16-bit", "ram" if loads_in_ram else dev, largest_tensor * shape.checkpoint_dtype_bytes,
+        "load")
+    if loads_in_ram:
+        add("loading: whole 4-bit base in RAM before ZeRO-3 partitions it", "ram",
+            quantized // 2 + (shape.total_params - quantized) * d, "load")
     add("loading: checkpoint shard in memory", "ram",
         min(overheads.shard_bytes, shape.total_params * shape.checkpoint_dtype_bytes), "load")
 

@@ -22,7 +22,7 @@ def render(plan: Plan, console: Console | None = None) -> None:
     console.print(
         f"[bold]{m.name}[/]: {m.total_params / 1e9:.2f} B params ({quant}), LoRA r={w.lora_r} on {targets} "
         f"({m.lora_params(w.lora_targets, w.lora_r) / 1e6:.1f} M); seq_len {plan.seq_len}, "
-        f"{plan.workers} worker{'s' if plan.workers != 1 else ''}, {plan.precision}"
+        f"{plan.placement.describe()}, {plan.precision}"
     )
     console.print(_strategies_table(plan))
     for node in plan.nodes:
@@ -36,6 +36,7 @@ def render(plan: Plan, console: Console | None = None) -> None:
             f"grad_accum {plan.grad_accum}; about {_duration(step)} per step, {plan.tokens_per_s:,.0f} tokens/s, "
             f"{_size(sent)} sent per worker per step"
         )
+        console.print(f"why: {plan.strategy_reason}")
     else:
         console.print(f"[bold red]does not fit:[/] {plan.reason}")
     for note in plan.notes:

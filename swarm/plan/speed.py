@@ -30,7 +30,7 @@ LINK_EFFICIENCY = 0.9  # TCP payload share of a link's rate
 DEFAULT_NVME_BYTES_PER_S = 2.0e9  # consumer PCIe 3/4 drive, sustained
 CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed's CPUAdam on a desktop CPU
 # Collectives that run once per optimizer step; the others run in every micro-step.
-AT_STEP_BOUNDARY = ("all-reduce LoRA gradients", "all-gather LoRA weights")
+AT_STEP_BOUNDARY = ("all-gather LoRA weights",)
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,8 @@ def traffic_per_step(shape: ModelShape, work: Workload, strategy: Strategy, worl
     """Bytes one worker sends to the others per optimizer step, by collective.
 
     Ring collectives send (W-1)/W of the data per worker for a reduce-scatter or an
-    all-gather and twice that for an all-reduce. Replicated and ZeRO-2 training exchange
-    only LoRA gradients (and ZeRO-2 the updated LoRA weights); ZeRO-3 also gathers every
+    all-gather and twice that for an all-reduce. Replicated training (ZeRO-2) exchanges
+    only LoRA gradients and the updated LoRA weights; sharded training (ZeRO-3) also gathers every
     partitioned frozen parameter in each forward, backward and recomputation.
     """
     if world <= 1:
@@ -92,8 +92,6 @@ def traffic_per_step(shape: ModelShape, work: Workload, strategy: Strategy, worl
     d = work.compute_bytes
     share = (world - 1) / world
     lora = shape.lora_params(work.lora_targets, work.lora_r)
-    if strategy.zero_stage == 0:
-        return {"all-reduce LoRA gradients": int(2 * share * lora * d)}
     if strategy.zero_stage == 2:
         # DeepSpeed ZeRO-2 reduces gradients during every backward, not only at the boundary.
         return {"reduce-scatter LoRA gradients": int(grad_accum * share * lora * d),
@@ -141,7 +139,7 @@ def estimate_step(shape: ModelShape, work: Workload, strategy: Strategy, world: 
     dominant = max(micro.values())
     micro_seconds = dominant + OVERLAP_PENALTY * (sum(micro.values()) - dominant)
 
-    share = math.ceil(lora / world) if strategy.zero_stage else lora
+    share = math.ceil(lora / world)
     if strategy.offload_optimizer == "none":
         opt = share * 32 / (device.mem_gbs * 1e9 * MEMORY_EFFICIENCY)  # read and write 16 B/param
     else:

@@ -26,6 +26,8 @@ from swarm.config.models import JobConfig
 from swarm.errors import UserError
 from swarm.train import checkpoint
 from swarm.train import resume as resume_rules
+from swarm.train.plans import GroupPlanner
+from swarm.durable import write_json
 from swarm.train.progress import ProgressRecorder
 from swarm.train.runtime import prepare_process_env
 
@@ -49,10 +51,10 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
     job = with_absolute_paths(job)
     check_model_source(job)
     check_offload_folder(job)
+    planner = None
     if not job.ray.address:
-        # A local run is placed and planned before Ray starts: a refusal costs nothing.
-        placement, choice, plan = decide_layout(job, None)
-        job = with_planned_batch(job, plan)
+        # A local run is planned before Ray starts: a refusal costs nothing.
+        planner = plan_run(job, None)
     tokenizer = load_tokenizer(job)
     from swarm.train.data import prepare_data
 
@@ -64,26 +66,49 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
     with (session := ray_session(job)) as dashboard_url:
         if job.ray.address:
             # A swarm is asked what it offers; refusals still come before any weight is read.
-            placement, choice, plan = decide_layout(job, survey_cluster_nodes())
-            job = with_planned_batch(job, plan)
-        print(f"workers: {placement.describe()}", file=sys.stderr)
-        print(f"strategy: {choice.name} ({choice.reason})", file=sys.stderr)
+            from swarm.train.survey import survey_cluster
+
+            planner = plan_run(job, survey_cluster())
+        plan = planner.current
+        job = with_planned_batch(job, plan)
+        print(f"workers: {plan.placement.describe()}", file=sys.stderr)
+        print(f"strategy: {plan.strategy.name} ({plan.strategy_reason})", file=sys.stderr)
         run_dir, resume_state = open_run_dir(job, resume, fingerprint)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
-        if plan is not None:
-            (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        write_json(run_dir / "plan.json", plan.to_dict())
         tokenizer.save_pretrained(run_dir / "tokenizer")
         started = dt.datetime.now(dt.timezone.utc)
-        recorder = ProgressRecorder(run_dir, job, dashboard_url, status_job_id=session.job_id)
-        fit(job, pack_arrays(prepared), recorder, fingerprint, resume_state, placement, choice)
+        recorder = ProgressRecorder(run_dir, job, dashboard_url, status_job_id=session.job_id, planner=planner)
+        fit(job, pack_arrays(prepared), recorder, fingerprint, resume_state, planner)
+    if recorder.refusal:
+        newest = recorder.checkpoints[-1] if recorder.checkpoints else None
+        kept = f"; the newest checkpoint is {newest}" if newest else ""
+        raise UserError(f"{recorder.refusal}{kept}; continue with `swarm train JOB --resume {run_dir}` "
+                        "when the machines are back")
     finished = dt.datetime.now(dt.timezone.utc)
-    write_run_summary(run_dir, job, recorder, prepared.stats, started, finished, choice)
+    write_run_summary(run_dir, job, recorder, prepared.stats, started, finished, planner.current)
     if recorder.stopped_at is not None:
         print(
             f"stopped at step {recorder.stopped_at}; continue with: swarm train JOB --resume {run_dir}",
             file=sys.stderr,
         )
     return run_dir
+
+
+def plan_run(job: JobConfig, nodes) -> GroupPlanner:
+    """The run's planner, holding the plan of its first worker group, or a one-line refusal.
+
+    Args:
+        nodes: the swarm's live nodes (``survey_cluster``), or None for a Ray started for
+            this run.
+    """
+    from swarm.hardware import inventory
+    from swarm.train.plans import run_planner
+    from swarm.train.survey import node_inventories
+
+    if nodes is None:
+        return run_planner(job, None, [inventory(offload=job.offload.nvme_path)])
+    return run_planner(job, nodes, node_inventories(nodes, job.offload.nvme_path))
 
 
 def open_run_dir(job: JobConfig, resume: str | bool | None, fingerprint: dict) -> tuple[Path, dict | None]:
@@ -100,73 +125,9 @@ def open_run_dir(job: JobConfig, resume: str | bool | None, fingerprint: dict) -
     return run_dir, resume_state
 
 
-def survey_cluster_nodes():
-    from swarm.train.placement import survey_cluster
-
-    return survey_cluster()
-
-
-def decide_layout(job: JobConfig, nodes):
-    """Placement, strategy and memory plan, or a one-line refusal.
-
-    Args:
-        nodes: the swarm's live nodes, or None for a Ray started for this run.
-
-    Returns:
-        ``(placement, strategy choice, plan)``; the plan is None when the model's shape
-        cannot be known without a download.
-    """
-    from swarm.plan import local_inventory
-    from swarm.train.placement import choose_strategy, node_inventories, place_workers, zero_strategy
-
-    placement = place_workers(job, nodes, local_gpus=local_gpu_count())
-    if nodes is None:
-        inventories = [local_inventory(job.offload.nvme_path)]
-    else:
-        inventories = node_inventories(nodes, job.offload.nvme_path)
-    plans: dict[str, Any] = {}
-
-    def plan_for(name: str):
-        if name not in plans:
-            plans[name] = plan_or_none(job, inventories, zero_strategy(job, name))
-        return plans[name]
-
-    def fits_replicated() -> tuple[bool, str]:
-        plan = plan_for("replicate")
-        if plan is None:
-            return False, "its size is unknown"
-        if not plan.fits:
-            return False, plan.reason
-        tightest = max(plan.nodes, key=_fullness)
-        used, limit = ((tightest.gpu_bytes, tightest.gpu_capacity) if tightest.gpu_capacity
-                       else (tightest.ram_bytes, tightest.ram_limit))
-        return True, f"tightest: {tightest.name} at {used / 1024**3:.1f} of {limit / 1024**3:.1f} GiB"
-
-    choice = choose_strategy(job, placement.max_workers, fits_replicated)
-    plan = plan_for(choice.name)
-    if plan is not None and not plan.fits:
-        raise UserError(f"this job does not fit: {plan.reason}; `swarm plan JOB` shows the figures")
-    return placement, choice, plan
-
-
-def _fullness(node) -> float:
-    return node.gpu_bytes / node.gpu_capacity if node.gpu_capacity else node.ram_bytes / node.ram_limit
-
-
-def plan_or_none(job: JobConfig, inventories: list, strategy):
-    """The planner's figures for ``strategy`` on these machines; None when the shape is unknown."""
-    from swarm.plan import make_plan
-
-    try:
-        return make_plan(job, inventories, strategies=[strategy])
-    except UserError as exc:
-        print(f"warning: no memory plan for this job ({exc})", file=sys.stderr)
-        return None
-
-
 def with_planned_batch(job: JobConfig, plan) -> JobConfig:
     """The job with the plan's micro-batch when the job's does not fit (same samples per step)."""
-    if plan is None or plan.micro_batch == job.train.micro_batch:
+    if plan.micro_batch == job.train.micro_batch:
         return job
     print(
         f"plan: micro_batch {job.train.micro_batch} does not fit; training with micro_batch "
@@ -175,12 +136,6 @@ def with_planned_batch(job: JobConfig, plan) -> JobConfig:
     )
     return job.model_copy(update={"train": job.train.model_copy(
         update={"micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum})})
-
-
-def local_gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -224,8 +179,8 @@ def check_model_source(job: JobConfig) -> None:
 
 
 def check_offload_folder(job: JobConfig) -> None:
-    """The NVMe offload folder must exist (or be creatable) and be writable."""
-    if not job.offload.nvme_path or "nvme" not in (job.offload.params, job.offload.optimizer):
+    """The NVMe offload folder, when the job names one, must exist (or be creatable) and be writable."""
+    if not job.offload.nvme_path:
         return
     folder = Path(job.offload.nvme_path).expanduser()
     try:
@@ -356,23 +311,26 @@ def swarm_client_env() -> dict[str, str]:
 
 
 def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder, fingerprint: dict, resume_state,
-        placement, choice) -> None:
+        planner: GroupPlanner) -> None:
     """Run the Ray Train workers and feed their messages to ``recorder``.
 
     A worker group that fails (a PC dropped out) is restarted by Ray Train from the newest
     checkpoint, with fewer workers when the job allows (``train.min_workers``), and grows
-    back when the PC returns. The first Ctrl-C or SIGTERM asks the workers to finish the
-    current step, save a checkpoint and stop; a second one aborts at once.
+    back when the PC returns; each group asks the driver for its plan first. The first
+    Ctrl-C or SIGTERM asks the workers to finish the current step, save a checkpoint and
+    stop; a second one aborts at once.
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
     from swarm.train.failures import FailureNotes
     from swarm.train.loop import train_loop_per_worker
-    from swarm.train.mailbox import start_mailbox
+    from swarm.train.mailbox import pack, start_mailbox
     from swarm.train.trainer import ProcessGroupConfig, lean_trainer
 
+    placement = planner.placement
     mailbox = start_mailbox(resume_state)
+    ray.get(mailbox.post_plan.remote(planner.first_key(), pack(planner.current.to_dict())))
     trainer = lean_trainer(
         train_loop_per_worker,
         train_loop_config={
@@ -380,7 +338,7 @@ def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder, fing
             "data": ray.put(arrays),
             "mailbox": mailbox,
             "fingerprint": fingerprint,
-            "strategy": choice.name,
+            "local": placement.mode == "local",
             # Bytes sent are counted on a swarm's interfaces; a local run sends none.
             "count_sent_bytes": placement.mode != "local",
         },
@@ -391,7 +349,7 @@ def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder, fing
             elastic_resize_monitor_interval_s=job.train.regrow_check_s,
         ),
         # A hung collective should fail in minutes, not after torch's 30-minute default.
-        backend_config=ProcessGroupConfig("nccl" if placement.use_gpu else "gloo", COLLECTIVE_TIMEOUT_S),
+        backend_config=ProcessGroupConfig(placement.backend, COLLECTIVE_TIMEOUT_S),
         # Ray Train keeps only bookkeeping here; swarm writes checkpoints itself.
         run_config=RunConfig(
             name=".ray", storage_path=str(recorder.run_dir.resolve()),
@@ -444,7 +402,7 @@ def user_error_from(exc: BaseException) -> UserError | None:
 
 
 def write_run_summary(run_dir: Path, job: JobConfig, recorder: ProgressRecorder, stats, started, finished,
-                      choice) -> None:
+                      plan) -> None:
     """run.json: what the model card and later tools need to know about this run.
 
     A resumed run keeps its first start and adds this session's wall time to the earlier ones.
@@ -463,7 +421,7 @@ def write_run_summary(run_dir: Path, job: JobConfig, recorder: ProgressRecorder,
         "finished": finished.isoformat(timespec="seconds"),
         "wall_time_s": round(earlier_s + (finished - started).total_seconds(), 1),
         **recorder.summary(),
-        "strategy": choice.to_dict(),
+        "strategy": {**plan.strategy.to_dict(), "reason": plan.strategy_reason},
         "data": {"format": job.data.format, **vars(stats)},
         "stopped": recorder.stopped_at is not None,
     }

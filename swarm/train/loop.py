@@ -18,7 +18,7 @@ from typing import Any
 
 from swarm.config.models import JobConfig
 from swarm.train.mailbox import pack, unpack
-from swarm.train.runtime import cpu_flags, prepare_process_env
+from swarm.train.runtime import prepare_process_env
 
 
 def lr_lambda(job: JobConfig):
@@ -92,12 +92,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     Args:
         cfg: ``job`` (the job as a dict), ``data`` (ref to the packed blocks as numpy
             arrays), ``mailbox`` (the driver's ``Mailbox`` actor, which also holds the
-            checkpoint to start from, if any), ``fingerprint`` (what this run trains),
-            ``strategy`` ("replicate" or "shard") and ``count_sent_bytes`` (report the
-            bytes each worker's PC sent per step; a swarm run).
+            checkpoint to start from, if any, and the plans of the worker groups),
+            ``fingerprint`` (what this run trains), ``local`` (a run on a Ray started for
+            it) and ``count_sent_bytes`` (report the bytes each worker's PC sent per
+            step; a swarm run).
 
-    Ray Train calls it again on a new worker group after a failure or a resize; it then
-    continues from the newest checkpoint the mailbox holds.
+    Ray Train calls it again on a new worker group after a failure or a resize; the group
+    asks the driver for its plan (``swarm.train.plans``) and continues from the newest
+    checkpoint the mailbox holds.
     """
     prepare_process_env()
     import deepspeed
@@ -107,7 +109,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import torch.distributed as dist
     from torch.optim.lr_scheduler import LambdaLR
 
-    from swarm.train.ds_config import deepspeed_config, resolve_precision
+    from swarm.hardware import gpu_memory_cap_bytes
+    from swarm.train.device import memory_fraction, worker_device
     from swarm.train.model import load_model, trainable_parameters
     from swarm.train.sampling import micro_batch_indices
 
@@ -115,35 +118,36 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     job = JobConfig.model_validate(cfg["job"])
     link = DriverLink(cfg["mailbox"]) if rank == 0 else None
+    plan = group_plan(cfg["mailbox"], link, rank, world, cfg["local"])
+    if "refused" in plan:
+        if link is not None:
+            link.deliver({"kind": "refused", "reason": plan["refused"]})
+        return
     data = ray.get(cfg["data"])
     packed_resume = ray.get(cfg["mailbox"].resume_state.remote())
     resume = unpack(packed_resume) if packed_resume is not None else None
-    strategy = cfg["strategy"]
     counting = bool(cfg.get("count_sent_bytes"))
     sent_bytes = sent_bytes_counter() if counting else (lambda: 0)
 
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda", context.get_local_rank()) if on_gpu else torch.device("cpu")
+    placement = plan["placement"]
+    device = worker_device(placement["use_gpu"], context.get_local_rank(),
+                           torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    on_gpu = device != "cpu"
     if on_gpu:
         torch.cuda.set_device(device)
+        fraction = memory_fraction(gpu_memory_cap_bytes(), torch.cuda.get_device_properties(device).total_memory)
+        if fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(fraction, device)
     # CPU work (the training itself on a CPU-only PC; DeepSpeed's CPU Adam and offload
     # copies beside a GPU) runs on this thread's OpenMP team, which Ray sized to the
     # worker's token CPU reservation: one thread. Share this PC's cores among its workers.
     torch.set_num_threads(cpu_threads_per_worker(os.cpu_count(), context.get_local_world_size()))
-    precision = resolve_precision(
-        job.train.precision, on_gpu, on_gpu and torch.cuda.is_bf16_supported(), cpu_flags()
-    )
-    ds_config = deepspeed_config(job, precision, on_gpu, strategy=strategy)
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    precision, ds_config = plan["precision"], plan["deepspeed"]
+    deepspeed.init_distributed(dist_backend=placement["backend"])
 
     torch.manual_seed(job.train.seed)
-    model, _hf_ds_config = load_model(job, precision, ds_config, device)
-    largest = max(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: partitioned
-    ds_config = deepspeed_config(job, precision, on_gpu, largest_param=largest, strategy=strategy)
+    model = load_model(job, plan, device, adapter=resume["adapter"] if resume is not None else None)
     named = trainable_parameters(model)
-    if resume is not None:
-        # Before DeepSpeed wraps them, the LoRA weights are plain tensors on every rank.
-        load_adapter_weights(model, named, resume["adapter"])
     params = [p for _, p in named]
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
@@ -152,7 +156,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(job)),
         config=ds_config,
     )
-    del _hf_ds_config
+    if engine.zero_optimization_stage() != plan["strategy"]["zero_stage"]:
+        raise RuntimeError(f"DeepSpeed runs ZeRO-{engine.zero_optimization_stage()}, the plan says "
+                           f"ZeRO-{plan['strategy']['zero_stage']}")
     start_step, samples_seen = 0, 0
     if resume is not None:
         start_step, samples_seen = restore_trainer_state(engine, scheduler, named, resume)
@@ -162,12 +168,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if link is not None:
         link.deliver({
             "kind": "start", "world_size": world, "precision": precision, "start_step": start_step,
-            "max_steps": job.train.max_steps, "hosts": hosts, "strategy": strategy,
+            "deepspeed": ds_config, "strategy": plan["strategy"]["name"],
+            "max_steps": job.train.max_steps, "hosts": hosts,
             "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in params),
         })
 
     train_ids, train_labels, train_mask = data["train_input_ids"], data["train_labels"], data["train_attention_mask"]
-    num_blocks, mb, ga = len(train_ids), job.train.micro_batch, job.train.grad_accum
+    num_blocks, mb, ga = len(train_ids), plan["micro_batch"], plan["grad_accum"]
 
     def batch(indices, ids, labels, mask):
         return {
@@ -216,7 +223,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 **({"sent_bytes_per_worker": round(totals[3].item() / world)} if counting else {}),
             })
         if data["eval_input_ids"] is not None and (done % job.train.eval_every == 0 or last):
-            eval_loss = evaluate(engine, data, job, rank, world, batch)
+            eval_loss = evaluate(engine, data, job, mb, rank, world, batch)
             if link is not None:
                 link.send({"kind": "eval", "step": done, "eval_loss": eval_loss})
         stopping = totals[2].item() > 0
@@ -233,6 +240,27 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         link.deliver({"kind": "adapter", "peft_config": model.peft_config["default"], "state_dict": state})
 
 
+def group_plan(mailbox, link: DriverLink | None, rank: int, world: int, local: bool) -> dict:
+    """This worker group's plan from the driver (see ``swarm.train.plans``), the same on every rank.
+
+    Collective: every rank gathers the node addresses of the group; rank 0 asks the driver
+    for the group's plan and hands it to the others.
+    """
+    import ray
+    import torch.distributed as dist
+
+    from swarm.train.plans import group_key, receive_group_plan
+
+    addresses = [None] * world
+    dist.all_gather_object(addresses, ray.util.get_node_ip_address())
+    answer = [None]
+    if rank == 0:
+        key = group_key(addresses, local)
+        answer[0] = receive_group_plan(mailbox, key, ask=lambda: link.send({"kind": "plan_request", "key": key}))
+    dist.broadcast_object_list(answer, src=0)
+    return answer[0]
+
+
 def _masked_loss(engine, inputs):
     """The model's loss, or a zero that still runs the forward pass when no label counts.
 
@@ -245,13 +273,12 @@ def _masked_loss(engine, inputs):
     return out.logits.sum() * 0.0
 
 
-def evaluate(engine, data, job: JobConfig, rank: int, world: int, batch) -> float:
-    """Token-weighted mean loss over up to ``eval_batches`` micro-batches per worker."""
+def evaluate(engine, data, job: JobConfig, mb: int, rank: int, world: int, batch) -> float:
+    """Token-weighted mean loss over up to ``eval_batches`` micro-batches of ``mb`` blocks per worker."""
     import torch
     import torch.distributed as dist
 
     ids, labels, mask = data["eval_input_ids"], data["eval_labels"], data["eval_attention_mask"]
-    mb = job.train.micro_batch
     batches = min(job.train.eval_batches, max(1, math.ceil(len(ids) / (mb * world))))
     device = engine.device
     totals = torch.zeros(2, dtype=torch.float64, device=device)
@@ -328,16 +355,6 @@ def gather_trainable_state(engine, scheduler, named, step: int, samples_seen: in
 
 def _is_ds_adam(engine) -> bool:
     return type(engine.optimizer.optimizer).__name__ in {"DeepSpeedCPUAdam", "FusedAdam"}
-
-
-def load_adapter_weights(model, named, adapter: dict) -> None:
-    """Copy checkpointed LoRA weights into the (not yet wrapped) model."""
-    from peft import set_peft_model_state_dict
-
-    result = set_peft_model_state_dict(model, adapter)
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing:
-        raise RuntimeError(f"checkpoint lacks LoRA weights {missing[:3]}")
 
 
 def _create_optimizer_state(engine, step: int) -> None:

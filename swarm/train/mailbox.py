@@ -9,6 +9,8 @@ holds messages as pickled bytes: it never imports torch, and costs one light pro
 - The newest delivered checkpoint stays here, so a worker group that Ray Train restarts
   after a failure continues from it (``resume_state``), whether or not the driver has
   finished writing it to disk yet.
+- The plan of each worker group the driver has made (``swarm.train.plans``) waits here
+  for the group's rank 0 to take it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Mailbox:
         self._ready = threading.Condition()
         self._stop = False
         self._resume_state = resume_state
+        self._plans: dict[tuple, bytes] = {}
 
     def send(self, message: bytes) -> None:
         with self._ready:
@@ -56,6 +59,12 @@ class Mailbox:
 
     def resume_state(self) -> bytes | None:
         return self._resume_state
+
+    def post_plan(self, key: tuple, plan: bytes) -> None:
+        self._plans[key] = plan
+
+    def plan(self, key: tuple) -> bytes | None:
+        return self._plans.get(key)
 
 
 def start_mailbox(resume_state: dict[str, Any] | None):

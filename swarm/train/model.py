@@ -1,9 +1,9 @@
-"""Worker side: the frozen 4-bit base with LoRA adapters, ready for DeepSpeed.
+"""Worker side: the frozen 4-bit base with LoRA adapters, placed as the plan says.
 
-Order matters under ZeRO-3: the DeepSpeed config must be registered with transformers
-(``HfDeepSpeedConfig``) before ``from_pretrained`` so that loading knows about ZeRO-3.
-The quantized weights are stored in the training dtype (``bnb_4bit_quant_storage``) so
-that DeepSpeed can partition them like any other parameter of that dtype.
+Where the base is loaded and how ZeRO-3 takes it is decided in ``swarm.train.device``
+(pure, tested on CPU); this module carries it out. The quantized weights are stored in the
+training dtype (``bnb_4bit_quant_storage``) so that DeepSpeed can partition them like any
+other parameter of that dtype.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from swarm.config.models import JobConfig
 from swarm.errors import UserError
+from swarm.train.device import loading_arguments, quantization_kwargs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -31,43 +32,37 @@ def attention_implementation(requested: str) -> str:
     return requested
 
 
-def load_model(job: JobConfig, precision: str, ds_config: dict[str, Any], device: torch.device):
-    """Load the base model (4-bit when asked), enable checkpointing and add LoRA.
+def load_model(job: JobConfig, plan: dict[str, Any], device: str, adapter: dict | None = None):
+    """Load the base (4-bit when asked), enable checkpointing, add LoRA, place it for ZeRO.
 
     Args:
         job: The validated job.
-        precision: "bf16", "fp16" or "fp32".
-        ds_config: The DeepSpeed config this worker will initialise with.
-        device: Where the quantized weights live before DeepSpeed takes over.
+        plan: The run's plan (``Plan.to_dict()``): precision, strategy, DeepSpeed config.
+        device: This worker's device, ``cpu`` or ``cuda:N``.
+        adapter: LoRA weights to start from (a checkpoint's, under peft's names); they are
+            written while the weights are still whole on every worker.
 
     Returns:
-        ``(model, hf_ds_config)``. Keep ``hf_ds_config`` alive until
-        ``deepspeed.initialize`` returns: transformers only sees ZeRO-3 through it.
+        The peft model, ready for ``deepspeed.initialize`` with ``plan["deepspeed"]``.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.integrations import HfDeepSpeedConfig
 
+    precision, ds_config = plan["precision"], plan["deepspeed"]
     dtype = DTYPES[precision]
-    hf_ds_config = HfDeepSpeedConfig(ds_config)
-    quantization = None
-    if job.quantization.bits == 4:
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=job.quantization.quant_type,
-            bnb_4bit_use_double_quant=job.quantization.double_quant,
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=dtype,
-        )
+    loading = loading_arguments(job.quantization.bits == 4, plan["strategy"]["zero_stage"], device)
+    bnb = quantization_kwargs(job.quantization, precision)
+    # transformers sees ZeRO-3 only through a live HfDeepSpeedConfig; keep it while loading.
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if loading.zero3_init else None
     model = AutoModelForCausalLM.from_pretrained(
         job.model.path,
         revision=job.model.revision,
-        quantization_config=quantization,
+        quantization_config=BitsAndBytesConfig(**bnb) if bnb else None,
         dtype=dtype,
         attn_implementation=attention_implementation(job.model.attention),
         trust_remote_code=job.model.trust_remote_code,
-        # bitsandbytes quantizes while moving weights to the device; on CPU they stay put.
-        device_map={"": device} if device.type == "cuda" else None,
+        device_map=loading.device_map,
     )
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     keep_4bit_layout(model)
@@ -89,7 +84,45 @@ def load_model(job: JobConfig, precision: str, ds_config: dict[str, Any], device
         model = get_peft_model(model, lora)
     except ValueError as exc:  # peft names the target modules it could not find
         raise UserError(f"lora.targets: {' '.join(str(exc).split())}") from None
-    return model, hf_ds_config
+    if adapter is not None:
+        load_adapter_weights(model, adapter)
+    if loading.partition_after_load:
+        partition_for_zero3(model, ds_config, dtype, device)
+    del hf_ds_config
+    return model
+
+
+def partition_for_zero3(model, ds_config: dict[str, Any], dtype: torch.dtype, device: str) -> None:
+    """Partition a loaded model with ZeRO-3 before ``deepspeed.initialize`` sees it.
+
+    The engine moves a model it finds unpartitioned to the device as a whole; partitioned,
+    it leaves placement to ``zero.Init``, which moves one parameter at a time and keeps only
+    its partition on the device or in the offload target. What ``zero.Init`` does not
+    place is done here: floating parameters take the training dtype first (as the engine
+    would cast them; peft makes LoRA weights in fp32), and buffers and the 4-bit weights'
+    quantization constants (attributes, not parameters) go to the worker's device.
+    """
+    import deepspeed
+
+    if dtype != torch.float32:
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype and not hasattr(param, "ds_id"):
+                param.data = param.data.to(dtype)
+    offload = ds_config["zero_optimization"].get("offload_param", {})
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config, remote_device=offload.get("device"),
+                        pin_memory=bool(offload.get("pin_memory")), dtype=dtype)
+    move_state_to(model, torch.device(device))
+
+
+def move_state_to(model, device: torch.device) -> None:
+    """Move buffers and 4-bit quantization constants to ``device``; parameters stay put."""
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and state.absmax.device != device:
+            state.to(device)  # QuantState.to moves its tensors in place
 
 
 def keep_4bit_layout(model) -> int:
@@ -121,6 +154,16 @@ def keep_4bit_layout(model) -> int:
         module.support_avx512bf16_for_cpu = False
         count += 1
     return count
+
+
+def load_adapter_weights(model, adapter: dict) -> None:
+    """Copy checkpointed LoRA weights into the model (before ZeRO partitions them)."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, adapter)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing:
+        raise RuntimeError(f"checkpoint lacks LoRA weights {missing[:3]}")
 
 
 def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:

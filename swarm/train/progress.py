@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from swarm.config.models import JobConfig
+from swarm.durable import write_json
 
 GIB = 1024**3
 PLAIN_LINE_INTERVAL_S = 5.0  # without a terminal, one status line at most this often
@@ -25,8 +26,11 @@ PLAIN_LINE_INTERVAL_S = 5.0  # without a terminal, one status line at most this 
 class ProgressRecorder:
     """Consumes worker messages: renders progress, appends metrics, writes the adapter."""
 
-    def __init__(self, run_dir: Path, job: JobConfig, dashboard_url: str | None, status_job_id: str | None = None):
+    def __init__(self, run_dir: Path, job: JobConfig, dashboard_url: str | None, status_job_id: str | None = None,
+                 planner=None):
         self.run_dir = run_dir
+        self.planner = planner  # a swarm.train.plans.GroupPlanner: answers the worker groups' plan requests
+        self.refusal: str | None = None  # why a worker group could not train (the job no longer fits it)
         self.status_job_id = status_job_id
         self.job = job
         self.console = Console(stderr=True)
@@ -58,6 +62,7 @@ class ProgressRecorder:
 
         from swarm.train.mailbox import unpack
 
+        self._mailbox = mailbox
         while True:
             taken = ray.get(mailbox.take.remote(0.5))
             for message in taken:
@@ -70,7 +75,21 @@ class ProgressRecorder:
         with self._lock:
             getattr(self, f"_on_{kind}")(message)
 
+    def _on_plan_request(self, message: dict) -> None:
+        from swarm.train.mailbox import pack
+
+        key = message["key"]
+        answer = self.planner.answer(key)
+        if "refused" not in answer:
+            write_json(self.run_dir / "plan.json", answer)
+        self._mailbox.post_plan.remote(key, pack(answer))
+
+    def _on_refused(self, message: dict) -> None:
+        self.refusal = message["reason"]
+
     def _on_start(self, message: dict) -> None:
+        # What the workers passed to deepspeed.initialize, kept beside the plan it came from.
+        write_json(self.run_dir / "deepspeed.json", message.pop("deepspeed"))
         restarted = bool(self.start)
         self.start = message
         hosts = ", ".join(sorted({h.get("address") or h["hostname"] for h in message["hosts"]}))

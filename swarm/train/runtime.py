@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from pathlib import Path
 
 
 def cuda_available() -> bool:
@@ -30,14 +29,3 @@ def prepare_process_env() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def cpu_flags() -> set[str]:
-    """CPU feature flags, e.g. {'avx2', 'amx_bf16'}; empty where /proc/cpuinfo is missing."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()

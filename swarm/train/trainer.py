@@ -67,8 +67,11 @@ def join_process_group(address: str, port: int, backend: str, timeout_s: int) ->
         "NODE_RANK": str(context.get_node_rank()),
     })
     if backend == "nccl":
-        # A collective that times out raises instead of hanging the worker.
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        from swarm.hardware import gpus
+        from swarm.train.device import collective_env
+
+        for key, value in collective_env(backend, [(g.name, g.compute_capability) for g in gpus()]).items():
+            os.environ.setdefault(key, value)
     dist.init_process_group(
         backend=backend, init_method="env://", rank=context.get_world_rank(),
         world_size=context.get_world_size(), timeout=dt.timedelta(seconds=timeout_s),

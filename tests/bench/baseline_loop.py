@@ -22,8 +22,9 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from swarm.config import load_job  # noqa: E402
+from swarm.hardware import inventory  # noqa: E402
+from swarm.plan import make_plan  # noqa: E402
 from swarm.train.data import prepare_data  # noqa: E402
-from swarm.train.ds_config import deepspeed_config  # noqa: E402
 from swarm.train.model import load_model  # noqa: E402
 
 job = load_job(sys.argv[1])
@@ -34,10 +35,12 @@ ids = torch.tensor(np.array([b["input_ids"] for b in blocks]))
 labels = torch.tensor(np.array([b["labels"] for b in blocks]))
 mask = torch.tensor(np.array([b["attention_mask"] for b in blocks]))
 
-config = deepspeed_config(job, "fp32", on_gpu=False)
+# The plan swarm would make on this machine: the same DeepSpeed config and precision.
+plan = make_plan(job, [inventory(offload=job.offload.nvme_path)]).to_dict()
+config = plan["deepspeed"]
 deepspeed.init_distributed(dist_backend="gloo")
 torch.manual_seed(job.train.seed)
-model, hf_config = load_model(job, "fp32", config, torch.device("cpu"))
+model = load_model(job, plan, "cpu")
 params = [p for p in model.parameters() if p.requires_grad]
 engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
 startup = time.perf_counter() - START
@@ -45,7 +48,7 @@ startup = time.perf_counter() - START
 # from_pretrained leaves the model in eval mode, where transformers skips gradient
 # checkpointing; train as swarm does, or the baseline would skip the recomputation.
 engine.train()
-mb, ga = job.train.micro_batch, job.train.grad_accum
+mb, ga = plan["micro_batch"], plan["grad_accum"]
 step_times, cpu_times, position = [], [], 0
 for step in range(job.train.max_steps):
     t0, cpu0 = time.perf_counter(), time.process_time()

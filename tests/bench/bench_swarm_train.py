@@ -55,7 +55,8 @@ def job_file(folder: Path, model: Path, steps: int, **train) -> Path:
         "data": {"files": [str(DEMO_TEXT)], "format": "text", "seq_len": 128, "eval_fraction": 0.1},
         "train": {"max_steps": steps, "micro_batch": 2, "grad_accum": 1, "lr": 5e-3, "warmup_steps": 2,
                   "log_every": 1, "eval_every": 10_000, "checkpoint_every": 10_000, **train},
-        "offload": {"params": "cpu", "optimizer": "cpu"},
+        # Replication keeps the whole base on every worker; only the optimizer is offloaded.
+        "offload": {"params": "none" if train.get("strategy") == "replicate" else "cpu", "optimizer": "cpu"},
         "output": {"dir": str(folder / "runs")},
         "ray": {"address": "198.18.0.1:6379", "object_store_mb": 100},
     }

@@ -68,11 +68,16 @@ def start_agent(lab, host: int):
     return proc
 
 
+# Replication keeps the base whole on every worker and offloads only the optimizer.
+OFFLOAD = {"replicate": {"params": "none", "optimizer": "cpu"}, "shard": {"params": "cpu", "optimizer": "cpu"}}
+
+
 def swarm_job(folder: Path, model: Path, **train) -> Path:
-    """A tiny QLoRA job (ZeRO offload to CPU as the job says) for the swarm whose head is host 1."""
+    """A tiny QLoRA job (ZeRO offload to CPU as the strategy allows) for the swarm whose head is host 1."""
     return write_job(
         folder, model,
         train={"max_steps": 12, "grad_accum": 1, "eval_every": 100, "checkpoint_every": CHECKPOINT_EVERY, **train},
+        offload=OFFLOAD[train.get("strategy", "shard")],
         ray={"address": f"{ADDR[HEAD]}:6379", "object_store_mb": 100},
     )
 
@@ -99,7 +104,13 @@ def test_each_strategy_trains_with_one_worker_on_each_worker_host(finished_runs,
     summary = json.loads((run_dir / "run.json").read_text())
     assert summary["strategy"]["name"] == strategy
     assert summary["strategy"]["zero_stage"] == {"replicate": 2, "shard": 3}[strategy]
-    assert f"strategy: {strategy} (train.strategy={strategy} in the job)" in result.stderr
+    assert f"strategy: {summary['strategy']['variant']} (train.strategy={strategy} in the job)" in result.stderr
+    # One layout from plan to run: both workers initialised DeepSpeed with the plan's config.
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert json.loads((run_dir / "deepspeed.json").read_text()) == plan["deepspeed"]
+    assert plan["workers"] == 2 and plan["placement"]["mode"] == "per_node"
+    assert sorted(n["name"] for n in plan["nodes"]) == sorted(n["hostname"] for n in summary["hardware"]["nodes"])
+    assert plan["deepspeed"]["zero_optimization"]["stage"] == summary["strategy"]["zero_stage"]
     # One worker per worker host, each reporting its own address; the head trains nothing.
     nodes = summary["hardware"]["nodes"]
     assert sorted((n["address"], n["workers"]) for n in nodes) == [(ADDR[W1], 1), (ADDR[W2], 1)]

@@ -42,8 +42,15 @@ def test_full_path_trains_and_records_the_run(reference):
     summary = json.loads((run_dir / "run.json").read_text())
     assert summary["steps"] == 16 and summary["world_size"] == 1 and summary["precision"] == "fp32"
     strategy = summary["strategy"]
-    assert strategy.pop("reason").startswith("one worker: ZeRO-3 with the job's offload settings")
-    assert strategy == {"name": "shard", "zero_stage": 3, "offload_params": "cpu", "offload_optimizer": "cpu"}
+    assert strategy.pop("reason").startswith("one worker; the job's offload settings need sharded base, ZeRO-3")
+    assert strategy == {"name": "shard", "variant": "shard-params-cpu-opt-cpu", "zero_stage": 3,
+                        "offload_params": "cpu", "offload_optimizer": "cpu",
+                        "label": "sharded base, ZeRO-3, parameters in CPU RAM, optimizer in CPU RAM"}
+    # One layout from plan to run: the workers initialised DeepSpeed with the plan's config.
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert json.loads((run_dir / "deepspeed.json").read_text()) == plan["deepspeed"]
+    assert plan["deepspeed"]["zero_optimization"]["stage"] == 3 and plan["precision"] == summary["precision"]
+    assert plan["strategy"]["name"] == "shard" and plan["workers"] == 1
     assert summary["tokens"] == sum(r["tokens"] for r in steps)
     # The one worker computes on all of this PC's cores, not on the one thread Ray's
     # token CPU reservation would give it.
@@ -68,6 +75,7 @@ def test_saved_adapter_reproduces_the_trained_models_outputs(reference, tiny_mod
 
     from swarm.config import load_job
     from swarm.train.data import prepare_data
+    from swarm.train.model import keep_4bit_layout
 
     job_path, run_dir, _ = reference
     job = load_job(job_path)
@@ -79,6 +87,9 @@ def test_saved_adapter_reproduces_the_trained_models_outputs(reference, tiny_mod
         bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32,
     )
     base = AutoModelForCausalLM.from_pretrained(tiny_models("llama"), quantization_config=quant, dtype=torch.float32)
+    # Compute as training did on every CPU: without this, bitsandbytes' eval path on a CPU
+    # with AVX512-BF16 switches to its packed bf16 kernel (about 0.05% off in the loss here).
+    keep_4bit_layout(base)
     model = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
     total = count = 0.0
     with torch.no_grad():
@@ -238,6 +249,8 @@ def test_every_architecture_trains_with_every_offload_mode(tiny_models, tmp_path
     assert summary["precision"] == precision and math.isfinite(summary["train_loss"])
     assert (summary["strategy"]["offload_params"], summary["strategy"]["offload_optimizer"]) == (
         OFFLOAD_MODES[offload]["params"], OFFLOAD_MODES[offload]["optimizer"])
+    assert json.loads((run_dir / "deepspeed.json").read_text()) == json.loads(
+        (run_dir / "plan.json").read_text())["deepspeed"]
     if offload == "nvme":
         # DeepSpeed swapped real tensors through the folder.
         assert any((tmp_path / "nvme").rglob("*"))

@@ -1,4 +1,4 @@
-"""Placement and strategy choice for `swarm train`, as data (swarm.train.placement)."""
+"""Placement for `swarm train`, as data (swarm.plan.placement)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from swarm.cluster.constants import WORKER_SLOT_RESOURCE
 from swarm.config.models import JobConfig
 from swarm.errors import UserError
-from swarm.train.placement import NodeSlots, choose_strategy, place_workers
+from swarm.plan.placement import NodeSlots, place_workers, spread_workers
 
 
 def job(**train) -> JobConfig:
@@ -64,28 +64,11 @@ def test_a_local_ray_packs_workers_on_this_machine():
         place_workers(two, None, local_gpus=1)
 
 
-def test_strategy_auto_replicates_when_the_base_fits_everywhere_and_shards_otherwise():
-    asked = []
-
-    def fits():
-        asked.append(1)
-        return True, "tightest: pc2 at 9.0 of 16.0 GiB"
-
-    choice = choose_strategy(job(), 2, fits)
-    assert (choice.name, choice.zero_stage, choice.offload_params, choice.offload_optimizer) == ("replicate", 2, "none", "cpu")
-    assert "fits on every node (tightest: pc2" in choice.reason
-    choice = choose_strategy(job(), 2, lambda: (False, "pc3: GPU needs 9 GiB, has 8"))
-    assert (choice.name, choice.zero_stage, choice.offload_params) == ("shard", 3, "cpu")
-    assert "does not fit on every node when replicated (pc3" in choice.reason
-    # One worker has nothing to replicate across: the single-PC offload path, plan not asked.
-    asked.clear()
-    assert choose_strategy(job(), 1, fits).name == "shard" and not asked
-
-
-def test_strategy_can_be_forced():
-    choice = choose_strategy(job(strategy="shard"), 2, lambda: (True, ""))
-    assert choice.name == "shard" and choice.reason == "train.strategy=shard in the job"
-    assert choose_strategy(job(strategy="replicate"), 2, lambda: (False, "")).name == "replicate"
+def test_workers_fill_the_nodes_in_order():
+    assert spread_workers(3, [2, 2, 1]) == [2, 1, 0]
+    assert spread_workers(5, [2, 2, 1]) == [2, 2, 1]
+    with pytest.raises(ValueError):
+        spread_workers(6, [2, 2, 1])
 
 
 def test_invalid_worker_settings_are_refused_by_the_config():

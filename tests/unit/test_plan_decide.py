@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarm.config.models import JobConfig
+from swarm.errors import UserError
 from swarm.inventory import GpuInfo, NodeInventory
 from swarm.plan import memory as mem
 from swarm.plan.decide import make_plan
@@ -56,7 +57,7 @@ def test_70b_on_two_pcs_with_24gb_cards_fits_sharded():
     assert plan.strategy.zero_stage == 3
     replicated = next(c for c in plan.candidates if c.strategy.name == "replicate")
     assert not replicated.fits
-    assert plan.zero_config()["stage"] == 3
+    assert plan.deepspeed["zero_optimization"]["stage"] == 3
     assert all(n.step.bytes_sent > 0 for n in plan.nodes)
 
 
@@ -93,7 +94,9 @@ def test_a_chosen_plan_never_exceeds_any_node(model, seq_len, micro_batch, spec)
     assert (plan.reason is None) == plan.fits
     if not plan.fits:
         return
-    for inv, node in zip(nodes, plan.nodes):
+    by_name = {n.hostname: n for n in nodes}
+    for node in plan.nodes:  # the nodes that host workers
+        inv = by_name[node.name]
         # Recount from the terms rather than trusting the figures the planner compared.
         if inv.gpus:
             assert _recount(node.terms, "gpu") == node.gpu_bytes
@@ -105,8 +108,19 @@ def test_a_chosen_plan_never_exceeds_any_node(model, seq_len, micro_batch, spec)
 
 def test_job_offload_section_forces_the_strategy():
     plan = make_plan(job(offload={"params": "cpu", "optimizer": "cpu"}), [pc(ram_gb=64)])
-    assert [c.strategy.name for c in plan.candidates] == ["zero3-params-cpu-opt-cpu"]
-    assert plan.zero_config()["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert [c.strategy.name for c in plan.candidates] == ["shard-params-cpu-opt-cpu"]
+    assert plan.deepspeed["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert plan.strategy_reason == ("one worker; the job's offload settings need sharded base, ZeRO-3, "
+                                    "parameters in CPU RAM, optimizer in CPU RAM")
+
+
+def test_offload_none_means_none_and_auto_lets_the_planner_choose():
+    none = make_plan(job(offload={"params": "none", "optimizer": "none"}), [pc(ram_gb=64)])
+    assert {(c.strategy.offload_params, c.strategy.offload_optimizer) for c in none.candidates} == {("none", "none")}
+    auto = make_plan(job(), [pc(ram_gb=64)])
+    assert {c.strategy.offload_params for c in auto.candidates} == {"none", "cpu"}  # NVMe needs offload.nvme_path
+    with_path = make_plan(job(offload={"nvme_path": "/mnt/nvme"}), [pc(ram_gb=64, nvme_gb=100)])
+    assert "nvme" in {c.strategy.offload_params for c in with_path.candidates}
 
 
 def test_device_optimizers_rule_out_optimizer_offload():
@@ -117,17 +131,20 @@ def test_device_optimizers_rule_out_optimizer_offload():
 def test_nvme_choice_carries_path_and_buffers():
     j = job("llama-3.1-70b", offload={"params": "nvme", "optimizer": "nvme", "nvme_path": "/mnt/nvme/swarm"})
     plan = make_plan(j, [pc(ram_gb=64, nvme_gb=1000)])
-    zero = plan.zero_config()
+    zero = plan.deepspeed["zero_optimization"]
     assert zero["offload_param"]["nvme_path"] == "/mnt/nvme/swarm"
     # DeepSpeed asserts that a swap buffer holds the largest partition: the 128256 x 8192 embedding.
     assert zero["offload_param"]["buffer_size"] >= 128256 * 8192
     assert plan.nodes[0].nvme_bytes > 35 * GiB
 
 
-def test_unset_nvme_path_is_a_note_when_nvme_is_chosen():
-    plan = make_plan(job("llama-3.1-70b"), [pc(ram_gb=32, nvme_gb=1000)])
-    assert plan.fits and plan.strategy.offload_params == "nvme"
-    assert any("offload.nvme_path" in n for n in plan.notes)
+def test_a_gpu_worker_loads_a_sharded_4bit_base_whole_into_ram_first():
+    """transformers loads a quantized base whole (no zero.Init); the worker partitions it after."""
+    for offload in ({}, {"nvme_path": "/mnt/nvme"}):
+        plan = make_plan(job("llama-3.1-70b", offload=offload), [pc(ram_gb=32, nvme_gb=1000)])
+        assert not plan.fits and "largest: loading: whole 4-bit base in RAM" in plan.reason
+    plan = make_plan(job("llama-3.1-70b", offload={"nvme_path": "/mnt/nvme"}), [pc(ram_gb=64, nvme_gb=1000)])
+    assert plan.fits and plan.strategy.offload_params in ("cpu", "nvme")
 
 
 def test_turing_card_makes_the_job_fp16():
@@ -135,9 +152,9 @@ def test_turing_card_makes_the_job_fp16():
     assert plan.precision == "fp16"
 
 
-def test_more_workers_than_devices_does_not_fit():
-    plan = make_plan(job(train={"workers": 3}), [pc()])
-    assert not plan.fits and "train.workers=3" in plan.reason
+def test_more_workers_than_devices_is_refused():
+    with pytest.raises(UserError, match="train.workers=3 but this machine has 1 GPU"):
+        make_plan(job(train={"workers": 3}), [pc()])
 
 
 def test_cpu_node_figures_for_calibration():

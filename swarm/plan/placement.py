@@ -1,9 +1,8 @@
-"""Where the training workers run, and how they share the model: decided on the driver.
+"""Where the training workers run: how many, on which machines, each with what it reserves.
 
-``place_workers`` turns the job and what the Ray nodes offer into a Ray Train scaling
-decision; ``choose_strategy`` picks between a replicated 4-bit base (data parallel, only
-LoRA gradients cross the network) and ZeRO-3 sharding across machines. Both are pure and
-tested as data; ``survey_cluster`` and ``node_inventories`` are the parts that ask Ray.
+Pure and tested as data. ``place_workers`` turns the job and what the Ray nodes offer into a
+Ray Train scaling decision; ``spread_workers`` says how many of those workers each machine
+hosts, which is what the memory plan sizes.
 
 Each node of a swarm offers a custom Ray resource, ``swarm_worker``: one per GPU, one on a
 CPU-only PC, none on a PC whose cluster-file entry says ``train: false``. Every worker
@@ -13,7 +12,7 @@ and nothing else is reserved (a desktop's cores are shared, not carved up).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from swarm.cluster.constants import WORKER_SLOT_RESOURCE
 from swarm.config.models import JobConfig
@@ -68,11 +67,20 @@ class Placement:
             resources[WORKER_SLOT_RESOURCE] = 1
         return resources
 
+    @property
+    def backend(self) -> str:
+        """The torch process-group backend the workers join: NCCL between GPUs, else gloo."""
+        return "nccl" if self.use_gpu else "gloo"
+
     def describe(self) -> str:
         count = (f"{self.max_workers}" if self.min_workers == self.max_workers
                  else f"{self.max_workers} (at least {self.min_workers})")
         where = {"local": "on this machine", "per_gpu": "one per GPU", "per_node": "one per node"}[self.mode]
         return f"{count} worker(s), {where}"
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "min_workers": self.min_workers, "max_workers": self.max_workers,
+                "use_gpu": self.use_gpu, "capacity": self.capacity, "backend": self.backend}
 
 
 def place_workers(job: JobConfig, nodes: list[NodeSlots] | None, local_gpus: int) -> Placement:
@@ -125,86 +133,28 @@ def place_workers(job: JobConfig, nodes: list[NodeSlots] | None, local_gpus: int
     return Placement(mode, minimum, wanted, mode == "per_gpu", capacity)
 
 
-@dataclass(frozen=True)
-class StrategyChoice:
-    """``replicate`` or ``shard``, why, and the ZeRO strategy the planner sized."""
-
-    name: str
-    reason: str
-    zero_stage: int
-    offload_params: str
-    offload_optimizer: str
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "reason": self.reason, "zero_stage": self.zero_stage,
-                "offload_params": self.offload_params, "offload_optimizer": self.offload_optimizer}
+def node_capacity(placement: Placement, slots: int, gpus: int) -> int:
+    """Workers one node can host under ``placement``: its GPUs (per_gpu) or its slots."""
+    if placement.mode == "local":
+        return placement.max_workers
+    if placement.mode == "per_gpu":
+        return min(slots, gpus)
+    return slots
 
 
-def zero_strategy(job: JobConfig, name: str):
-    """The planner's strategy for ``replicate`` (ZeRO-2) or ``shard`` (ZeRO-3 with the job's offload)."""
-    from swarm.plan import Strategy
+def spread_workers(workers: int, capacities: list[int]) -> list[int]:
+    """How many of ``workers`` each node hosts when they fill the nodes in order.
 
-    if name == "replicate":
-        # ZeRO-2 keeps the base whole on every worker; only the optimizer can go to CPU RAM.
-        return Strategy(2, "none", "cpu" if job.offload.optimizer != "none" else "none")
-    return Strategy(3, job.offload.params, job.offload.optimizer)
-
-
-def choose_strategy(job: JobConfig, workers: int, fits_replicated) -> StrategyChoice:
-    """Replicate the 4-bit base when it fits on every node, else shard it with ZeRO-3.
-
-    Args:
-        job: the validated job (``train.strategy`` may force either).
-        workers: the number of workers the run starts with.
-        fits_replicated: a function returning ``(fits, detail)`` for the replicated
-            strategy (a plan over the nodes), called only when the choice depends on it.
+    Ray Train packs its workers onto as few nodes as it can; the driver's node comes first
+    in ``capacities``. The memory plan sizes each node for its share; the worker group that
+    really starts asks for the plan of the nodes it landed on (see ``swarm.train.plans``).
     """
-    forced = job.train.strategy
-    if forced != "auto":
-        reason = f"train.strategy={forced} in the job"
-    elif workers == 1:
-        forced, reason = "shard", "one worker: ZeRO-3 with the job's offload settings (nothing to replicate across)"
-    else:
-        fits, detail = fits_replicated()
-        if fits:
-            forced = "replicate"
-            reason = f"the 4-bit base fits on every node ({detail}); only LoRA gradients cross the network"
-        else:
-            forced = "shard"
-            reason = f"the base does not fit on every node when replicated ({detail}); ZeRO-3 shards it"
-    s = zero_strategy(job, forced)
-    return StrategyChoice(forced, reason, s.zero_stage, s.offload_params, s.offload_optimizer)
-
-
-def survey_cluster() -> list[NodeSlots]:
-    """The live nodes of the Ray cluster this process is connected to."""
-    import ray
-
-    return [
-        NodeSlots(
-            node_id=n["NodeID"], address=n["NodeManagerAddress"],
-            slots=int(n["Resources"].get(WORKER_SLOT_RESOURCE, 0)), gpus=int(n["Resources"].get("GPU", 0)),
-        )
-        for n in ray.nodes() if n.get("Alive")
-    ]
-
-
-def node_inventories(nodes: list[NodeSlots], offload_dir: str | None) -> list:
-    """Each training node's own hardware (RAM, GPUs, free offload space), asked on that node.
-
-    The node this driver runs on comes first: the planner adds the Ray head's share there.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from swarm.plan import local_inventory
-
-    here = ray.get_runtime_context().get_node_id()
-    ordered = sorted((n for n in nodes if n.slots > 0), key=lambda n: n.node_id != here)
-    ask = ray.remote(num_cpus=0)(local_inventory)
-    refs = [
-        ask.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote(offload_dir)
-        for n in ordered
-    ]
-    inventories = ray.get(refs, timeout=120)
-    return [replace(inv, address=n.address) for inv, n in zip(inventories, ordered)]
+    spread = []
+    left = workers
+    for capacity in capacities:
+        take = min(capacity, left)
+        spread.append(take)
+        left -= take
+    if left:
+        raise ValueError(f"{workers} workers do not fit in capacities {capacities}")
+    return spread
