@@ -237,19 +237,12 @@ def _base_config_dir(base: dict) -> Path:
 def _combine(sources, config_dir: Path, dest: Path, method, weights, density, svd_rank, seed) -> None:
     """Load every adapter onto a weightless skeleton of the base, combine with peft, save the result."""
     import torch
-    from accelerate import init_empty_weights
     from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    trust = bool(sources[0].base.get("trust_remote_code"))
-    config = AutoConfig.from_pretrained(config_dir, trust_remote_code=trust)
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
     names = [f"source{i}" for i in range(len(sources))]
-    # low_cpu_mem_usage puts the loaded adapter tensors in place of the meta ones peft creates.
-    model = PeftModel.from_pretrained(skeleton, sources[0].adapter_dir, adapter_name=names[0], low_cpu_mem_usage=True)
+    model = PeftModel.from_pretrained(_skeleton(config_dir, sources[0].base), sources[0].adapter_dir, adapter_name=names[0])
     for name, source in zip(names[1:], sources[1:]):
-        model.load_adapter(source.adapter_dir, adapter_name=name, low_cpu_mem_usage=True)
+        model.load_adapter(source.adapter_dir, adapter_name=name)
     torch.manual_seed(seed)
     try:
         model.add_weighted_adapter(
@@ -262,6 +255,28 @@ def _combine(sources, config_dir: Path, dest: Path, method, weights, density, sv
     saved = json.loads(config_file.read_text())
     saved["base_model_name_or_path"] = sources[0].base["path"]
     config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
+def _skeleton(config_dir: Path, base: dict):
+    """The base model's modules with no weights: each parameter a view of one zero, in its real shape.
+
+    peft needs the layers' shapes, dtypes and a real device to put adapters beside them; the
+    combining reads only the adapters. (Meta tensors do not do: peft assigns the merged
+    matrices through ``.data``, which refuses to move a parameter off the meta device.)
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = bool(base.get("trust_remote_code"))
+    config = AutoConfig.from_pretrained(config_dir, trust_remote_code=trust)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            zero = torch.zeros((), dtype=param.dtype).expand(param.shape)
+            setattr(module, name, torch.nn.Parameter(zero, requires_grad=False))
+    return model
 
 
 def record_of(folder: Path) -> dict:
