@@ -11,6 +11,7 @@ text, so it accepts the released ones only, while it reads any SentencePiece mod
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from swarm.errors import UserError
@@ -67,7 +68,10 @@ def train_sentencepiece(text_files: list[Path], vocab_size: int, folder: Path):
     Raises:
         UserError: ``vocab_size`` is too small for the bytes and characters of the text.
     """
-    import sentencepiece as spm
+    try:
+        import sentencepiece as spm
+    except ImportError:
+        raise UserError("a SentencePiece tokenizer needs the sentencepiece package: pip install 'swarm-train[gguf]'") from None
     from transformers import LlamaTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,7 +84,11 @@ def train_sentencepiece(text_files: list[Path], vocab_size: int, folder: Path):
             num_threads=1, minloglevel=2,
         )
     except RuntimeError as exc:
-        raise UserError(f"cannot train a SentencePiece tokenizer of {vocab_size} tokens on this text ({exc})") from None
+        # sentencepiece says e.g. "Vocabulary size is smaller than required_chars. 200 vs 296. ..."
+        need = re.search(r"(\d+) vs (\d+)", str(exc))
+        why = f"its bytes and characters alone take {need.group(2)}" if need else " ".join(str(exc).split())
+        raise UserError(f"cannot train a SentencePiece tokenizer of {vocab_size} tokens on this text ({why}); "
+                        "raise --vocab-size") from None
     (folder / "tokenizer.vocab").unlink()
     # The markers as added tokens, in the file llama.cpp's converter reads to keep them whole.
     piece_ids = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))

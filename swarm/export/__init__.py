@@ -121,7 +121,7 @@ def export_run(
     for target in [adapter_out, *([merged_out] if merge else []), *([gguf_out] if wants_gguf else [])]:
         check_replaceable(target)
     # Everything that can refuse comes before the first folder is written.
-    converter = _converter(llama_cpp_dir) if wants_gguf else None
+    converter = _converter(llama_cpp_dir, gguf) if wants_gguf else None
     model = run.job.model
     if merge or wants_gguf:
         base_dir = _base_folder(base, model.path, model.revision)
@@ -141,14 +141,15 @@ def export_run(
         has_tokenizer=bool(tokenizer),
     )
 
+    q = run.job.quantization
+    training = dict(bits=q.bits, quant_type=q.quant_type, double_quant=q.double_quant, precision=run.precision,
+                    trust_remote_code=model.trust_remote_code) if (merge or wants_gguf) else {}
+
     with atomic_folder(adapter_out) as tmp:
         for file in [*(adapter_src / f for f in ADAPTER_FILES), *tokenizer]:
             shutil.copyfile(file, tmp / file.name)
         text = render_card(run, kind="adapter", folder=adapter_out.resolve(), **card)
         (tmp / "README.md").write_text(text)
-    q = run.job.quantization
-    training = dict(bits=q.bits, quant_type=q.quant_type, double_quant=q.double_quant, precision=run.precision,
-                    trust_remote_code=model.trust_remote_code) if (merge or wants_gguf) else {}
     files = write_outputs(
         adapter_src, base_dir, training, tokenizer_files(base_dir, run_tokenizer) if training else [], out, name,
         lambda kind, folder, **extra: render_card(run, kind=kind, folder=folder, **card, **extra),
@@ -173,7 +174,7 @@ def _export_merge(merge_dir: Path, out_dir, name, base, llama_cpp_dir, options: 
     wants_gguf = bool(options["gguf"]) or options["gguf_adapter"] is not None
     for target in [*([merged_out] if options["merge"] else []), *([gguf_out] if wants_gguf else [])]:
         check_replaceable(target)
-    converter = _converter(llama_cpp_dir) if wants_gguf else None
+    converter = _converter(llama_cpp_dir, options["gguf"]) if wants_gguf else None
     base_dir = _base_folder(base, record["base"]["path"], record["base"].get("revision"))
     training = {**record["training"], "trust_remote_code": record["base"].get("trust_remote_code", False)}
     files = write_outputs(
@@ -183,9 +184,14 @@ def _export_merge(merge_dir: Path, out_dir, name, base, llama_cpp_dir, options: 
     return Exported(merge_dir, merged_out if options["merge"] else None, gguf_out if wants_gguf else None, files)
 
 
-def _converter(llama_cpp_dir: str | Path | None) -> Path:
-    from swarm.export.llama_cpp import find_converter  # not at import: `python -m swarm.export.llama_cpp`
+def _converter(llama_cpp_dir: str | Path | None, gguf: list[str] | None) -> Path:
+    """llama.cpp's converters, and its quantizer when a type needs it: checked before any work."""
+    # Imported here, not at the top: `python -m swarm.export.llama_cpp` runs that module as a script.
+    from swarm.export.llama_cpp import CONVERTER_TYPES, INSTALL_HINT, bindings_version, find_converter
 
+    quantized = [t for t in gguf or [] if t not in CONVERTER_TYPES]
+    if quantized and bindings_version() is None:
+        raise UserError(f"making {', '.join(quantized)} needs llama.cpp's quantizer; {INSTALL_HINT}")
     return find_converter(llama_cpp_dir)
 
 
