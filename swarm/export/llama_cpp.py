@@ -111,11 +111,16 @@ def _fetch_converter(version: str, folder: Path) -> Path:
                        and m.name.removeprefix(prefix).split("/")[0] in _CONVERTER_PARTS]
             for member in members:
                 member.name = member.name.removeprefix(prefix)
-            archive.extractall(staging, members=members, filter="data")
+            # The "data" filter refuses links and paths out of the folder (Python >= 3.10.12, 3.11.4).
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            archive.extractall(staging, members=members, **safe)
         if not all((staging / part).exists() for part in _CONVERTER_PARTS):
             raise UserError(f"llama-cpp-python {version}'s source has no GGUF converters; point --llama-cpp at a llama.cpp checkout")
-        if not folder.exists():
+        try:
             staging.rename(folder)
+        except OSError:
+            if not folder.is_dir():  # else another export extracted the same files meanwhile
+                raise
     return folder
 
 
@@ -184,7 +189,7 @@ def explain_failure(lines: list[str]) -> str:
         )
     for line in reversed(lines):
         if "not supported" in line and "Architecture" in line:
-            return line.split(":", 1)[-1].strip() + " by this llama.cpp version"
+            return line.split(":", 1)[-1].strip().rstrip("!") + " by this llama.cpp version"
     errors = [line.strip() for line in lines if line.strip() and not line.startswith("$ ")]
     return errors[-1][:300] if errors else "it printed nothing"
 

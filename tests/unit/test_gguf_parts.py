@@ -8,6 +8,7 @@ import pytest
 
 from swarm.cli import build_parser
 from swarm.errors import UserError
+from swarm.export.adapters_merge import METHODS
 from swarm.export.gguf import ADAPTER_TYPES, file_name, parse_adapter_type, parse_types
 from swarm.export.gguf_card import TYPE_NOTES, human_size
 from swarm.export.llama_cpp import GGUF_TYPES, explain_failure, find_converter
@@ -38,6 +39,8 @@ def test_help_lists_the_types_the_code_takes():
     assert sorted(listed) == sorted(GGUF_TYPES) and set(TYPE_NOTES) >= set(GGUF_TYPES)
     adapter = re.search(r"types: (.*) \(default f16\)", helps["gguf_adapter"]).group(1).split(", ")
     assert adapter == list(ADAPTER_TYPES)
+    merge = build_parser()._subparsers._group_actions[0].choices["merge"]
+    assert next(a.choices for a in merge._actions if a.dest == "method") == list(METHODS)
 
 
 def test_file_names_follow_llama_cpp_casing():
@@ -65,7 +68,7 @@ def test_llama_cpp_failures_are_explained():
            "NotImplementedError: BPE pre-tokenizer was not recognized - update get_vocab_base_pre()"]
     assert "--tokenizer sentencepiece" in explain_failure(bpe)
     arch = ["Traceback (most recent call last):", "NotImplementedError: Architecture 'FooForCausalLM' not supported!"]
-    assert explain_failure(arch) == "Architecture 'FooForCausalLM' not supported! by this llama.cpp version"
+    assert explain_failure(arch) == "Architecture 'FooForCausalLM' not supported by this llama.cpp version"
     assert explain_failure(["$ python convert", "ValueError: something odd"]) == "ValueError: something odd"
     assert explain_failure([]) == "it printed nothing"
 
