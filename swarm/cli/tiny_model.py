@@ -11,7 +11,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "tiny-model",
         help="make a tiny local model (real architecture, random weights) for the demo and tests",
-        description="Train a small BPE tokenizer on TEXT files and write a randomly initialised "
+        description="Train a small tokenizer on TEXT files and write a randomly initialised "
         "model of a real transformers architecture to OUT. Nothing is downloaded.",
     )
     p.add_argument("out", help="folder to write the model and tokenizer to")
@@ -21,6 +21,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tokenizer", default="bpe", choices=["bpe", "sentencepiece"],
+        help="byte-level BPE (default), or SentencePiece BPE with byte fallback, which llama.cpp's GGUF "
+        "converter accepts (it refuses BPE tokenizers it does not know)",
+    )
     p.set_defaults(run=run)
 
 
@@ -34,7 +39,7 @@ def run(args) -> int:
 
     out = make_tiny_model(
         args.out, args.text, arch=args.arch, vocab_size=args.vocab_size,
-        hidden=args.hidden, layers=args.layers, seed=args.seed,
+        hidden=args.hidden, layers=args.layers, seed=args.seed, tokenizer=args.tokenizer,
     )
     print(f"model: {out}")
     return 0

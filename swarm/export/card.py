@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from swarm import __version__
+from swarm.export.gguf_card import files_section, running_section
 from swarm.export.names import file_stem
 from swarm.export.run import RunRecord
 
@@ -34,19 +35,23 @@ def render_card(
     manifest: dict | None = None,
     dtype: str | None = None,
     has_tokenizer: bool = True,
+    gguf_files: list | None = None,
+    has_modelfile: bool = False,
 ) -> str:
     """The README.md text for an export.
 
     Args:
         run: the run the export comes from.
         name: the export's name (its title).
-        kind: ``adapter`` or ``merged``.
+        kind: ``adapter``, ``merged`` or ``gguf``.
         folder: where the export will live, used in the loading code.
         base_ref: the base model as loading code names it (hub id or absolute folder).
         license_meta: ``license`` (and ``license_name``/``license_link``) of the base, or {}.
         manifest: the checkpoint's manifest when exporting a checkpoint, else None.
         dtype: the merged weights' dtype (``bf16``, ``fp16``, ``fp32``) for a merged model.
         has_tokenizer: whether the export folder holds the tokenizer (else the base's is used).
+        gguf_files: for ``gguf``, the ``GgufFile`` list written to the folder.
+        has_modelfile: for ``gguf``, whether an Ollama Modelfile is in the folder.
     """
     job, info = run.job, run.info
     qlora = job.quantization.bits == 4
@@ -54,19 +59,20 @@ def render_card(
     meta = {
         "base_model": base_ref,
         "base_model_relation": "adapter" if kind == "adapter" else "finetune",
-        "library_name": "peft" if kind == "adapter" else "transformers",
+        "library_name": {"adapter": "peft", "merged": "transformers", "gguf": "gguf"}[kind],
         **license_meta,
         "pipeline_tag": "text-generation",
         "tags": ["swarm", method.lower(), *(["lora", "bitsandbytes"] if qlora else []), "deepspeed"]
-        + (["peft", f"base_model:adapter:{base_ref}"] if kind == "adapter" else []),
+        + (["peft", f"base_model:adapter:{base_ref}"] if kind == "adapter" else [])
+        + (["gguf", "llama.cpp", "ollama"] if kind == "gguf" else []),
         "datasets": list(dict.fromkeys(file_stem(f) for f in job.data.files)),
     }
     files = ", ".join(f"`{Path(f).name}`" for f in job.data.files)
-    what = (
-        f"A {method} adapter for `{base_ref}`"
-        if kind == "adapter"
-        else f"`{base_ref}` with a {method} adapter merged into its weights ({dtype})"
-    )
+    what = {
+        "adapter": f"A {method} adapter for `{base_ref}`",
+        "merged": f"`{base_ref}` with a {method} adapter merged into its weights ({dtype})",
+        "gguf": f"GGUF files for llama.cpp, Ollama and LM Studio of `{base_ref}` with a {method} adapter",
+    }[kind]
     intro = f"{what}, fine-tuned with swarm on {files}."
     if manifest is not None:
         intro += f" Exported from the checkpoint at step {manifest['step']} of {info.get('steps', MISSING)}."
@@ -74,12 +80,13 @@ def render_card(
         "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---",
         f"# {name}",
         intro,
+        *([files_section(gguf_files), running_section(gguf_files, base_ref, has_modelfile)] if kind == "gguf" else []),
         _training(run, qlora),
-        *([_merging(qlora, job, dtype)] if kind == "merged" else []),
+        *([_merging(qlora, job, dtype, kind)] if dtype else []),  # merged weights, also those in GGUF files
         _data(run),
         _hyperparameters(run),
         _results(run, manifest),
-        _loading(run, kind, folder, base_ref, has_tokenizer),
+        *([_loading(run, kind, folder, base_ref, has_tokenizer)] if kind != "gguf" else []),
         _software(run),
     ]
     return "\n\n".join(parts) + "\n"
@@ -132,7 +139,7 @@ def _training(run: RunRecord, qlora: bool) -> str:
     return f"## How it was trained\n\n{_table(rows)}\n\n{len(nodes) or MISSING} node(s):\n\n{hardware_text}"
 
 
-def _merging(qlora: bool, job, dtype: str | None) -> str:
+def _merging(qlora: bool, job, dtype: str | None, kind: str) -> str:
     if qlora:
         how = (
             f"The base weights were quantized to 4-bit {job.quantization.quant_type} exactly as in training, "
@@ -140,6 +147,8 @@ def _merging(qlora: bool, job, dtype: str | None) -> str:
         )
     else:
         how = "The LoRA update (alpha/r · B·A) was added to every adapted layer of the base"
+    if kind == "gguf":
+        return f"## How it was merged\n\n{how}, in {dtype}; llama.cpp's converter and quantizer made the GGUF files."
     return f"## How it was merged\n\n{how}; the weights are stored in {dtype}. It loads without peft."
 
 

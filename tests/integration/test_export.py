@@ -150,7 +150,7 @@ def test_merged_model_matches_4bit_base_plus_adapter(run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     limit = 300_000
-    merged = export_run(run.dir, out_dir=tmp_path, merge=True, dtype="fp32", max_shard_size=f"{limit}B")
+    merged = export_run(run.dir, out_dir=tmp_path, merge=True, dtype="fp32", max_shard_size=f"{limit}B").merged
     assert merged == tmp_path / f"{NAME}-merged"
 
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
@@ -182,7 +182,7 @@ def test_default_export_bf16_merge_and_adapter_with_plain_peft(run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    merged = export_run(run.dir, merge=True)
+    merged = export_run(run.dir, merge=True).merged
     adapter = run.dir / "export" / NAME
     assert merged == run.dir / "export" / f"{NAME}-merged"
 
@@ -204,19 +204,19 @@ def test_default_export_bf16_merge_and_adapter_with_plain_peft(run):
 
     # Exporting again replaces the earlier export.
     (adapter / "stale.txt").write_text("from before")
-    assert export_run(run.dir) == adapter and not (adapter / "stale.txt").exists()
+    assert export_run(run.dir).adapter == adapter and not (adapter / "stale.txt").exists()
 
 
 def test_card_code_works_as_written(run, tmp_path, capsys):
-    adapter = export_run(run.dir, out_dir=tmp_path)
-    merged = export_run(run.dir, out_dir=tmp_path, merge=True)
+    adapter = export_run(run.dir, out_dir=tmp_path).adapter
+    merged = export_run(run.dir, out_dir=tmp_path, merge=True).merged
     for folder in (adapter, merged):
         exec(compile(card_code((folder / "README.md").read_text()), str(folder / "README.md"), "exec"), {})
     assert len(capsys.readouterr().out.strip().splitlines()) >= 2  # each snippet printed its generation
 
 
 def test_model_card_states_the_run(run, tmp_path):
-    adapter = export_run(run.dir, out_dir=tmp_path, name="tiny-demo")
+    adapter = export_run(run.dir, out_dir=tmp_path, name="tiny-demo").adapter
     readme = (adapter / "README.md").read_text()
     meta = front_matter(readme)
     assert meta["base_model"] == str(run.base.resolve())
@@ -233,7 +233,7 @@ def test_model_card_states_the_run(run, tmp_path):
     config_block = re.search(r"```yaml\n(.*?)```", readme, re.S).group(1)
     assert yaml.safe_load(config_block) == yaml.safe_load((run.dir / "config.yaml").read_text())
 
-    merged_meta = front_matter((export_run(run.dir, out_dir=tmp_path, merge=True) / "README.md").read_text())
+    merged_meta = front_matter((export_run(run.dir, out_dir=tmp_path, merge=True).merged / "README.md").read_text())
     assert merged_meta["library_name"] == "transformers" and "peft" not in merged_meta["tags"]
 
 
@@ -242,7 +242,7 @@ def meta_end(readme: str) -> int:
 
 
 def test_checkpoint_export(run, tmp_path):
-    adapter = export_run(run.dir, out_dir=tmp_path, checkpoint=10)
+    adapter = export_run(run.dir, out_dir=tmp_path, checkpoint=10).adapter
     assert adapter == tmp_path / f"{NAME}-step10"  # never in place of the final export
     source = run.dir / "checkpoints" / "step-00000010" / "adapter" / "adapter_model.safetensors"
     assert (adapter / "adapter_model.safetensors").read_bytes() == source.read_bytes()
@@ -255,7 +255,7 @@ def test_checkpoint_export(run, tmp_path):
         export_run(run.dir, out_dir=tmp_path, checkpoint=20)
     with pytest.raises(UserError, match="no checkpoint at step 99"):
         export_run(run.dir, out_dir=tmp_path, checkpoint="99")
-    by_path = export_run(run.dir, out_dir=tmp_path, checkpoint=source.parent.parent, name="by-path")
+    by_path = export_run(run.dir, out_dir=tmp_path, checkpoint=source.parent.parent, name="by-path").adapter
     assert by_path.name == "by-path" and (by_path / "adapter_model.safetensors").read_bytes() == source.read_bytes()
 
 
@@ -305,7 +305,7 @@ def test_lora_run_merges_into_the_unquantized_base(run, tmp_path, lora_options):
     shutil.rmtree(lora_run / "adapter")
     model.save_pretrained(lora_run / "adapter")
 
-    merged = export_run(lora_run, merge=True, dtype="fp32", name="tiny-lora")
+    merged = export_run(lora_run, merge=True, dtype="fp32", name="tiny-lora").merged
     got = logits(AutoModelForCausalLM.from_pretrained(merged).eval(), run.ids)
     expected = logits(model.eval(), run.ids)
     assert (got - expected).abs().max() < 1e-3
