@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 from swarm.errors import UserError
 from swarm.export.adapters_merge import RECORD
 from swarm.export.card import base_license, render_card
-from swarm.export.folders import atomic_folder, check_replaceable
+from swarm.durable import atomic_folder
+from swarm.export.folders import check_replaceable
 from swarm.export.merge import DTYPES, parse_size
 from swarm.export.names import checkpoint_name, run_name, validate_name
 from swarm.export.outputs import tokenizer_files, write_outputs

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarm.errors import UserError
-from swarm.export.folders import atomic_folder
+from swarm.durable import atomic_folder
 from swarm.export.names import base_model_part, validate_name
 from swarm.export.run import ADAPTER_FILES, load_run
 

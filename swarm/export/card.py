@@ -198,8 +198,9 @@ def _results(run: RunRecord, manifest: dict | None) -> str:
         rows_seen = [r for r in run.metrics if isinstance(r.get("step"), int) and r["step"] <= step]
         evals = [r["eval_loss"] for r in rows_seen if r.get("eval_loss") is not None]
         losses = [r["loss"] for r in rows_seen if r.get("loss") is not None]
+        tokens = sum(r.get("tokens", 0) for r in rows_seen if r.get("loss") is not None) or None
         figures = [
-            ("Steps", _value(step)), ("Tokens trained on", _value(manifest.get("tokens"))),
+            ("Steps", _value(step)), ("Tokens trained on", _value(tokens)),
             ("Train loss (last logged)", _loss(losses[-1] if losses else None)),
             ("Eval loss (last)", _loss(evals[-1] if evals else None)),
             ("Whole run", f"{_value(info.get('steps'))} steps, final train loss {_loss(info.get('train_loss'))}"),

@@ -7,7 +7,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from swarm.durable import fsync_path
 from swarm.errors import UserError
 from swarm.export.card import front_matter
 
@@ -34,29 +33,3 @@ def scratch_folder(parent: Path, stem: str):
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
-def atomic_folder(target: Path):
-    """Yield a temporary folder next to ``target`` that becomes ``target`` once complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.partial"
-    old = target.parent / f".{target.name}.old"
-    for leftover in (tmp, old):  # from an export that crashed
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    tmp.mkdir()
-    try:
-        yield tmp
-        for path in tmp.iterdir():
-            fsync_path(path)
-        fsync_path(tmp)
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        fsync_path(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-

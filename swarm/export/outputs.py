@@ -12,7 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from swarm.export.folders import atomic_folder, scratch_folder
+from swarm.durable import atomic_folder
+from swarm.export.folders import scratch_folder
 from swarm.export.merge import merge_adapter
 from swarm.export.ollama import modelfile
 from swarm.home import logs_dir

@@ -7,10 +7,10 @@ The folder's layout (the trainer's side of the contract)::
     RUN/metrics.jsonl      one JSON object per logged step
     RUN/adapter/           final LoRA adapter (peft format)
     RUN/tokenizer/         tokenizer.save_pretrained output
-    RUN/checkpoints/step-00000010/{adapter/, trainer_state.pt, manifest.json}
+    RUN/checkpoints/step-00000010/   a checkpoint (format: swarm.train.checkpoint)
 
-A checkpoint without ``manifest.json`` (or whose manifest does not say ``complete``) was
-cut off while being written and is never exported.
+Only an intact checkpoint is exported: one whose manifest lists files that all match their
+SHA-256 (``swarm.train.checkpoint.verify``, the same test a resume makes).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from pydantic import ValidationError
 from swarm.config.loading import describe_validation_error
 from swarm.config.models import JobConfig
 from swarm.errors import UserError
+from swarm.metrics_log import FILE as METRICS_FILE
+from swarm.metrics_log import read_metrics
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-_STEP_DIR = re.compile(r"step-(\d+)")
+from swarm.train.checkpoint import ADAPTER_FILES  # noqa: F401 - the adapter folder's files, for export
 
 
 @dataclass(frozen=True)
@@ -89,53 +90,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
             info = json.loads((run_dir / "run.json").read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"{run_dir}/run.json is not valid JSON ({exc})") from None
-    return RunRecord(run_dir, job, config_text, info, _read_metrics(run_dir / "metrics.jsonl"))
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            # A crash mid-write leaves half a line at the end; the rest is still good.
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def checkpoints(run_dir: Path) -> dict[int, Path]:
-    """Checkpoint folders of a run by step, complete or not."""
-    found = {}
-    for path in (run_dir / "checkpoints").glob("step-*"):
-        match = _STEP_DIR.fullmatch(path.name)
-        if match and path.is_dir():
-            found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
-
-
-def checkpoint_manifest(path: Path) -> dict | None:
-    """The manifest of a complete checkpoint folder, or None when it is incomplete.
-
-    The step comes from the manifest, or from the folder's name when the manifest lacks it.
-    """
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("complete") is not True:
-        return None
-    if not isinstance(manifest.get("step"), int):
-        match = _STEP_DIR.fullmatch(path.name)
-        if not match:
-            return None
-        manifest = {**manifest, "step": int(match.group(1))}
-    if not all((path / "adapter" / name).is_file() for name in ADAPTER_FILES):
-        return None
-    return manifest
+    return RunRecord(run_dir, job, config_text, info, read_metrics(run_dir / METRICS_FILE))
 
 
 def resolve_adapter(run: RunRecord, checkpoint: str | int | Path | None) -> tuple[Path, dict | None]:
@@ -152,9 +107,11 @@ def resolve_adapter(run: RunRecord, checkpoint: str | int | Path | None) -> tupl
     Raises:
         UserError: no final adapter, or the checkpoint is missing or incomplete.
     """
-    complete = [step for step, path in checkpoints(run.dir).items() if checkpoint_manifest(path)]
+    from swarm.train import checkpoint as ckpt
+
+    intact = ckpt.intact_checkpoints(run.dir / "checkpoints")
     available = (
-        f"complete checkpoints: {', '.join(map(str, complete))}" if complete else "the run has no complete checkpoint"
+        f"intact checkpoints: {', '.join(map(str, intact))}" if intact else "the run has no intact checkpoint"
     )
     if checkpoint is None:
         adapter = run.dir / "adapter"
@@ -166,20 +123,19 @@ def resolve_adapter(run: RunRecord, checkpoint: str | int | Path | None) -> tupl
         return adapter, None
     text = str(checkpoint)
     if text.isdigit():
-        path = checkpoints(run.dir).get(int(text))
+        by_step = {ckpt.step_of(p): p for p in ckpt.list_checkpoints(run.dir / "checkpoints")}
+        path = by_step.get(int(text))
         if path is None:
             raise UserError(f"run {run.dir} has no checkpoint at step {int(text)} ({available})")
     else:
         path = Path(text)
         if not path.is_dir():
             raise UserError(f"checkpoint {text} does not exist ({available})")
-    manifest = checkpoint_manifest(path)
-    if manifest is None:
-        raise UserError(
-            f"checkpoint {path} is incomplete (no complete manifest.json or adapter); "
-            f"it was cut off while being written ({available})"
-        )
-    return path / "adapter", manifest
+    try:
+        manifest = ckpt.verify(path)
+    except ValueError as problem:
+        raise UserError(f"checkpoint {path} cannot be exported: {problem} ({available})") from None
+    return path / ckpt.ADAPTER, manifest
 
 
 def resolve_base(model_path: str, revision: str | None = None) -> Path:

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import yaml
 
-from swarm import __version__
+from swarm import __version__, metrics_log
 from swarm.config.models import JobConfig
 from swarm.errors import UserError
 from swarm.train import checkpoint
 from swarm.train import resume as resume_rules
 from swarm.train.plans import GroupPlanner
-from swarm.durable import write_json
+from swarm.durable import replace_text, write_json
 from swarm.train.progress import ProgressRecorder
 from swarm.train.runtime import prepare_process_env
 
@@ -74,7 +74,7 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
         print(f"workers: {plan.placement.describe()}", file=sys.stderr)
         print(f"strategy: {plan.strategy.name} ({plan.strategy_reason})", file=sys.stderr)
         run_dir, resume_state = open_run_dir(job, resume, fingerprint)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+        replace_text(run_dir / "config.yaml", yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
         write_json(run_dir / "plan.json", plan.to_dict())
         tokenizer.save_pretrained(run_dir / "tokenizer")
         started = dt.datetime.now(dt.timezone.utc)
@@ -120,7 +120,7 @@ def open_run_dir(job: JobConfig, resume: str | bool | None, fingerprint: dict) -
     source = resume_rules.pick_checkpoint(run_dir, given, report=lambda line: print(line, file=sys.stderr))
     resume_state = checkpoint.load_checkpoint(source)
     resume_rules.check_compatible(resume_state["manifest"]["fingerprint"], fingerprint, source)
-    trim_metrics(run_dir / "metrics.jsonl", resume_state["manifest"]["step"])
+    metrics_log.trim(run_dir / metrics_log.FILE, resume_state["manifest"]["step"])
     print(f"resuming {run_dir} from step {resume_state['manifest']['step']}", file=sys.stderr)
     return run_dir, resume_state
 
@@ -136,16 +136,6 @@ def with_planned_batch(job: JobConfig, plan) -> JobConfig:
     )
     return job.model_copy(update={"train": job.train.model_copy(
         update={"micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum})})
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after ``step``: a resumed run logs those steps again."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
 
 
 def with_absolute_paths(job: JobConfig) -> JobConfig:
@@ -425,6 +415,4 @@ def write_run_summary(run_dir: Path, job: JobConfig, recorder: ProgressRecorder,
         "data": {"format": job.data.format, **vars(stats)},
         "stopped": recorder.stopped_at is not None,
     }
-    tmp = run_dir / "run.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(run_dir / "run.json")
+    write_json(run_dir / "run.json", summary)

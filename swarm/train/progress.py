@@ -6,8 +6,6 @@ module is their only reader. It runs in a thread of the driver while ``TorchTrai
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 import threading
 import time
@@ -17,7 +15,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from swarm.config.models import JobConfig
-from swarm.durable import write_json
+from swarm.durable import atomic_folder, write_json
+from swarm.metrics_log import FILE as METRICS_FILE
+from swarm.metrics_log import MetricsLog, read_metrics
 
 GIB = 1024**3
 PLAIN_LINE_INTERVAL_S = 5.0  # without a terminal, one status line at most this often
@@ -34,10 +34,9 @@ class ProgressRecorder:
         self.status_job_id = status_job_id
         self.job = job
         self.console = Console(stderr=True)
-        metrics_path = run_dir / "metrics.jsonl"
         # A resumed run continues the file (trimmed to its checkpoint) and its token count.
-        earlier = [json.loads(line) for line in metrics_path.read_text().splitlines() if line] if metrics_path.exists() else []
-        self.metrics_file = metrics_path.open("a")
+        earlier = read_metrics(run_dir / METRICS_FILE)
+        self.metrics = MetricsLog(run_dir / METRICS_FILE)
         self.start: dict = {}
         self.last_step: dict = {}
         self.last_eval: float | None = None
@@ -166,16 +165,11 @@ class ProgressRecorder:
 
     def _trim_metrics(self, step: int) -> None:
         """Forget what was logged after ``step``: those steps are trained again."""
-        self.metrics_file.close()
-        path = self.metrics_file.name
-        kept = [r for r in map(json.loads, Path(path).read_text().splitlines()) if r.get("step", 0) <= step]
-        Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.metrics_file = open(path, "a")
+        kept = self.metrics.trim(step)
         self.total_tokens = sum(r.get("tokens", 0) for r in kept)
 
     def _write_metrics(self, record: dict) -> None:
-        self.metrics_file.write(json.dumps(record) + "\n")
-        self.metrics_file.flush()
+        self.metrics.append(record)
 
     def status_text(self) -> str:
         m = self.last_step
@@ -199,7 +193,7 @@ class ProgressRecorder:
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
-        self.metrics_file.close()
+        self.metrics.close()
 
     def summary(self) -> dict:
         """Figures for run.json."""
@@ -230,14 +224,10 @@ def _nodes(hosts: list[dict]) -> list[dict]:
 
 
 def write_adapter(folder: Path, peft_config, state_dict: dict) -> None:
-    """Write a peft adapter folder atomically: a temporary folder renamed into place."""
+    """Write a peft adapter folder atomically (``swarm.durable.atomic_folder``)."""
     from safetensors.torch import save_file
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    peft_config.save_pretrained(tmp)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        peft_config.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp / "adapter_model.safetensors",
+                  metadata={"format": "pt"})

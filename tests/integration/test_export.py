@@ -1,7 +1,10 @@
 """Export of a run: merged model vs 4-bit base + adapter, plain-peft adapter, model card, CLI.
 
-The run folder is built here the way the trainer writes it, from real parts: a tiny Llama
-made locally, loaded 4-bit with bitsandbytes on CPU, a peft LoRA with non-trivial weights.
+The run folder is built here from real parts: a tiny Llama made locally, loaded 4-bit with
+bitsandbytes on CPU, a peft LoRA with non-trivial weights, and checkpoints written by the
+trainer's own writer (``swarm.train.checkpoint``). Its run.json describes a swarm of GPUs
+this machine does not have, for the model card; tests/integration/test_train.py exports the
+checkpoints of a run that really trained.
 """
 
 from __future__ import annotations
@@ -67,7 +70,36 @@ def bnb_config():
 def load_4bit(base: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb_config(), dtype=torch.float32).eval()
+    from swarm.train.model import keep_4bit_layout
+
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb_config(), dtype=torch.float32)
+    # Compute as training does on every CPU (bitsandbytes' eval path would switch to its
+    # packed bf16 kernel on a CPU with AVX512-BF16).
+    keep_4bit_layout(model)
+    return model.eval()
+
+
+def write_real_checkpoint(run_dir: Path, model, step: int) -> Path:
+    """A checkpoint of ``model``'s adapter at ``step``, written by the trainer's own writer."""
+    import random
+
+    import numpy as np
+    from peft import get_peft_model_state_dict
+
+    from swarm.train.checkpoint import write_checkpoint
+
+    named = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    trainer = {
+        "step": step, "samples_seen": step * 4, "optimizer_step": step, "scheduler": {"last_epoch": step},
+        "moments": {"exp_avg": {n: torch.zeros_like(t) for n, t in named.items()},
+                    "exp_avg_sq": {n: torch.ones_like(t) for n, t in named.items()}},
+        "rng": {"torch": torch.get_rng_state(), "cuda": None, "numpy": np.random.get_state(),
+                "python": random.getstate()},
+    }
+    state = {"step": step, "samples_seen": step * 4, "fingerprint": {"model.path": "tiny"},
+             "peft_config": model.peft_config["default"], "adapter": get_peft_model_state_dict(model),
+             "trainer": trainer}
+    return write_checkpoint(run_dir / "checkpoints", state, keep=3)
 
 
 def perturb_lora(model, seed: int) -> None:
@@ -99,13 +131,11 @@ def run(tmp_path_factory):
     torch.manual_seed(0)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(load_4bit(base), lora)
-    # A checkpoint at step 10 with other adapter weights, one cut off at step 20, then the final adapter.
+    # A checkpoint at step 10 with other adapter weights, one at step 20 that a crash left
+    # without its manifest, then the final adapter.
     perturb_lora(model, seed=10)
-    ckpt = run_dir / "checkpoints" / "step-00000010"
-    model.save_pretrained(ckpt / "adapter")
-    torch.save({"step": 10}, ckpt / "trainer_state.pt")
-    (ckpt / "manifest.json").write_text(json.dumps({"step": 10, "complete": True, "tokens": 20480}))
-    model.save_pretrained(run_dir / "checkpoints" / "step-00000020" / "adapter")  # no manifest: incomplete
+    write_real_checkpoint(run_dir, model, 10)
+    (write_real_checkpoint(run_dir, model, 20) / "manifest.json").unlink()
     perturb_lora(model, seed=1)
     model.save_pretrained(run_dir / "adapter")
     tokenizer.save_pretrained(run_dir / "tokenizer")
@@ -130,7 +160,8 @@ def run(tmp_path_factory):
     (run_dir / "run.json").write_text(json.dumps(RUN_INFO, indent=2))
     rows = []
     for step in range(1, 21):
-        row = {"step": step, "loss": round(5.0 - step * 0.05, 4), "lr": 2e-4, "tokens_per_s": 1500.0, "grad_norm": 0.5}
+        row = {"step": step, "loss": round(5.0 - step * 0.05, 4), "lr": 2e-4, "tokens": 2048, "tokens_per_s": 1500.0,
+               "grad_norm": 0.5}
         if step % 10 == 0:
             row["eval_loss"] = {10: 3.9012, 20: 3.6789}[step]
         rows.append(row)
@@ -251,7 +282,7 @@ def test_checkpoint_export(run, tmp_path):
     assert "| Train loss (last logged) | 4.5000 |" in readme and "| Tokens trained on | 20,480 |" in readme
     assert "3.6789" not in readme  # the step-20 evaluation came after this checkpoint
 
-    with pytest.raises(UserError, match=r"incomplete.*\(complete checkpoints: 10\)$"):
+    with pytest.raises(UserError, match=r"cannot be exported: it has no manifest .*\(intact checkpoints: 10\)$"):
         export_run(run.dir, out_dir=tmp_path, checkpoint=20)
     with pytest.raises(UserError, match="no checkpoint at step 99"):
         export_run(run.dir, out_dir=tmp_path, checkpoint="99")

@@ -180,7 +180,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_models, 
         deadline = time.monotonic() + 400
         partial = None
         while time.monotonic() < deadline and proc.poll() is None:
-            partial = next((tmp_path / "runs").glob("*/checkpoints/.step-00000008.tmp/trainer_state.pt"), None)
+            partial = next((tmp_path / "runs").glob("*/checkpoints/.step-00000008.partial/trainer_state.json"), None)
             if partial:
                 break
             time.sleep(0.2)
@@ -195,14 +195,14 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_models, 
     assert run_dir_of(resumed) == run_dir
     assert "from step 4" in resumed.stderr
     assert sorted(losses(run_dir)) == list(range(1, 11))
-    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+    assert not list((run_dir / "checkpoints").glob(".*.partial"))
 
 
 def test_corrupt_checkpoint_is_reported_and_skipped(reference, tmp_path):
     job_path, ref_dir, _ = reference
     copy = tmp_path / "runs" / ref_dir.name
     shutil.copytree(ref_dir, copy)
-    newest = copy / "checkpoints" / "step-00000016" / "trainer_state.pt"
+    newest = copy / "checkpoints" / "step-00000016" / "trainer_state.safetensors"
     newest.write_bytes(newest.read_bytes()[:-10] + b"0123456789")
     result = swarm("train", str(job_path), "--resume", str(copy), "--set", "train.max_steps=13", cwd=tmp_path)
     assert run_dir_of(result) == copy
@@ -273,7 +273,7 @@ def test_export_of_a_real_run(reference, tmp_path):
     from swarm.export import export_run
 
     _, run_dir, _ = reference
-    merged = export_run(run_dir, out_dir=tmp_path, merge=True, dtype="fp32")
+    merged = export_run(run_dir, out_dir=tmp_path, merge=True, dtype="fp32").merged
     summary = json.loads((run_dir / "run.json").read_text())
     card = (merged.with_name(merged.name.removesuffix("-merged")) / "README.md").read_text()
     assert f"{summary['train_loss']:.4f}" in card
@@ -282,3 +282,27 @@ def test_export_of_a_real_run(reference, tmp_path):
     assert f"| Steps | {summary['steps']} |" in card
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
+
+
+def test_every_checkpoint_training_wrote_exports(reference, tmp_path):
+    """`swarm export RUN --checkpoint N` on the checkpoints a real run wrote: each is intact and
+    exports its own adapter; one damaged afterwards is refused in one line, naming what is wrong."""
+    _, run_dir, _ = reference
+    for step in (8, 12, 16):
+        result = swarm("export", str(run_dir), "--checkpoint", str(step), "--out", str(tmp_path), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        exported = tmp_path / f"{run_dir.name}-step{step}"
+        source = run_dir / "checkpoints" / f"step-{step:08d}" / "adapter" / "adapter_model.safetensors"
+        assert (exported / "adapter_model.safetensors").read_bytes() == source.read_bytes()
+        assert f"checkpoint at step {step} of 16" in (exported / "README.md").read_text()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    with open(damaged / "checkpoints" / "step-00000012" / "adapter" / "adapter_model.safetensors", "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    result = swarm("export", str(damaged), "--checkpoint", "12", "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "adapter/adapter_model.safetensors does not match its checksum" in result.stderr
+    assert "(intact checkpoints: 8, 16)" in result.stderr and not (tmp_path / "x").exists()
