@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from swarm import __version__
+from swarm.cli.args import OneLineParser
 from swarm.errors import UserError
 
 # Verb modules, each with ``add_parser(subparsers)`` and ``run(args) -> int``.
@@ -17,13 +18,13 @@ VERBS = ("init", "agent", "up", "join", "status", "down", "plan", "train", "expo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="swarm",
         description="Fine-tune large language models with QLoRA and DeepSpeed ZeRO-3 on the GPUs you own.",
     )
     parser.add_argument("--version", action="version", version=f"swarm {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    subparsers = parser.add_subparsers(dest="verb", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=OneLineParser)
     subparsers.required = True
     for name in VERBS:
         module = __import__(f"swarm.cli.{name}", fromlist=["add_parser"])
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

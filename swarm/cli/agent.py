@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from swarm.cli.args import host_port
 from swarm.cluster.constants import AGENT_PORT
 
 
@@ -16,11 +17,13 @@ def add_parser(subparsers) -> None:
         "with the cluster secret. With --health, ask the running agent instead and exit 0 when "
         "it is healthy, 1 otherwise.",
     )
-    p.add_argument("--listen", default=f"0.0.0.0:{AGENT_PORT}", metavar="HOST:PORT", help="address to serve on")
+    p.add_argument("--listen", default=f"0.0.0.0:{AGENT_PORT}", type=host_port, metavar="HOST:PORT",
+                   help="address to serve on")
     p.add_argument("--offload-dir", default=None, help="offload folder to report on (default $SWARM_HOME/offload)")
     p.add_argument("--insecure", action="store_true", help="accept unsigned calls and run Ray without a token (trusted networks only)")
     p.add_argument("--health", action="store_true", help="check the local agent and exit 0 (healthy) or 1")
-    p.add_argument("--address", default=None, metavar="HOST:PORT", help="with --health: the agent to check (default: the local one)")
+    p.add_argument("--address", default=None, type=host_port, metavar="HOST:PORT",
+                   help="with --health: the agent to check (default: the local one)")
     p.set_defaults(run=run)
 
 

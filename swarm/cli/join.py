@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from swarm.cli.args import integer
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -11,9 +13,10 @@ def add_parser(subparsers) -> None:
         "worker on this PC with the token and the interface that reaches HEAD, until Ctrl-C.",
     )
     p.add_argument("head", help="the head PC's address (HOST, or HOST:PORT of its agent)")
-    p.add_argument("--num-cpus", type=int, default=None)
-    p.add_argument("--num-gpus", type=int, default=None)
-    p.add_argument("--object-store-memory", type=int, default=0, metavar="BYTES", help="default 10%% of RAM, at most 4 GiB")
+    p.add_argument("--num-cpus", type=integer(minimum=1), default=None)
+    p.add_argument("--num-gpus", type=integer(minimum=0), default=None)
+    p.add_argument("--object-store-memory", type=integer(minimum=0), default=0, metavar="BYTES",
+                   help="default 10%% of RAM, at most 4 GiB")
     p.add_argument("--insecure", action="store_true", help="no secret (the swarm must run --insecure)")
     p.set_defaults(run=run)
 

@@ -58,6 +58,8 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
         UserError: a missing or malformed file, an unknown key, or an invalid value.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"job file {path} is a folder; give the job's YAML file, e.g. configs/demo.yaml")
     if not path.is_file():
         raise UserError(f"job file {path} does not exist")
     try:

@@ -60,9 +60,11 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    max_steps: int = Field(100, ge=1)
-    micro_batch: int = Field(1, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(100, ge=1, le=100_000_000)
+    # Upper bounds far beyond any card, so that a typo fails at once instead of planning a
+    # step of a billion blocks.
+    micro_batch: int = Field(1, ge=1, le=4096)
+    grad_accum: int = Field(1, ge=1, le=65_536)
     lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)

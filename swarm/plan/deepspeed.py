@@ -59,11 +59,13 @@ def deepspeed_config(job: JobConfig, strategy: Strategy, precision: str, micro_b
         "wall_clock_breakdown": False,
     }
     if train.optimizer == "adamw":
+        params: dict[str, Any] = {"lr": train.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": train.weight_decay}
+        if strategy.offload_optimizer == "none":
+            # torch's AdamW rather than DeepSpeed's FusedAdam, which compiles a CUDA op on
+            # first use (with nvcc, which a gaming PC rarely has); LoRA states are small.
+            params["torch_adam"] = True
         # With the optimizer offloaded DeepSpeed runs this as its vectorised CPU Adam.
-        config["optimizer"] = {
-            "type": "AdamW",
-            "params": {"lr": train.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": train.weight_decay},
-        }
+        config["optimizer"] = {"type": "AdamW", "params": params}
     else:
         # 8-bit AdamW and Adafactor are client optimizers that DeepSpeed has not certified
         # for ZeRO; they are safe here because only the (unsharded-size) LoRA weights train.

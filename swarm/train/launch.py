@@ -23,7 +23,7 @@ import yaml
 
 from swarm import __version__, metrics_log
 from swarm.config.models import JobConfig
-from swarm.errors import UserError
+from swarm.errors import RunFailure, UserError
 from swarm.train import checkpoint
 from swarm.train import resume as resume_rules
 from swarm.train.plans import GroupPlanner
@@ -51,10 +51,17 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
     job = with_absolute_paths(job)
     check_model_source(job)
     check_offload_folder(job)
+    check_run_folder(job, resume)
+    if job.ray.address:
+        check_reachable(job.ray.address)
     planner = None
     if not job.ray.address:
-        # A local run is planned before Ray starts: a refusal costs nothing.
+        # A local run is planned before Ray starts: a refusal costs nothing. Its workers
+        # run here, so DeepSpeed's ops are built here, once, before any worker needs them.
         planner = plan_run(job, None)
+        from swarm.train.ops import ensure_ops, ops_for
+
+        ensure_ops(ops_for(planner.current.to_dict()), note=lambda line: print(line, file=sys.stderr, flush=True))
     tokenizer = load_tokenizer(job)
     from swarm.train.data import prepare_data
 
@@ -79,12 +86,20 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
         tokenizer.save_pretrained(run_dir / "tokenizer")
         started = dt.datetime.now(dt.timezone.utc)
         recorder = ProgressRecorder(run_dir, job, dashboard_url, status_job_id=session.job_id, planner=planner)
-        fit(job, pack_arrays(prepared), recorder, fingerprint, resume_state, planner)
+        try:
+            fit(job, pack_arrays(prepared), recorder, fingerprint, resume_state, planner)
+        except RunFailure as exc:
+            raise RunFailure(f"{exc}{kept_checkpoint(run_dir)}; continue with `swarm train JOB --resume {run_dir}`") \
+                from exc
+    if recorder.failure:
+        raise RunFailure(f"the run stopped: writing to {run_dir} failed ({recorder.failure}){kept_checkpoint(run_dir)}; "
+                         f"fix that (free disk space?) and continue with `swarm train JOB --resume {run_dir}`")
     if recorder.refusal:
-        newest = recorder.checkpoints[-1] if recorder.checkpoints else None
-        kept = f"; the newest checkpoint is {newest}" if newest else ""
-        raise UserError(f"{recorder.refusal}{kept}; continue with `swarm train JOB --resume {run_dir}` "
-                        "when the machines are back")
+        raise RunFailure(f"{recorder.refusal}{kept_checkpoint(run_dir)}; continue with `swarm train JOB --resume "
+                         f"{run_dir}` when the machines are back")
+    if recorder.stopped_at is None and not recorder.adapter_written:
+        raise RunFailure(f"the workers ended without delivering the trained adapter{kept_checkpoint(run_dir)}; "
+                         f"continue with `swarm train JOB --resume {run_dir}`")
     finished = dt.datetime.now(dt.timezone.utc)
     write_run_summary(run_dir, job, recorder, prepared.stats, started, finished, planner.current)
     if recorder.stopped_at is not None:
@@ -93,6 +108,12 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
             file=sys.stderr,
         )
     return run_dir
+
+
+def kept_checkpoint(run_dir: Path) -> str:
+    """"; the newest intact checkpoint is ..." for a failure line."""
+    newest = checkpoint.newest_valid(run_dir / "checkpoints", report=lambda line: None)
+    return f"; the newest intact checkpoint is {newest}" if newest else "; no checkpoint was written"
 
 
 def plan_run(job: JobConfig, nodes) -> GroupPlanner:
@@ -193,6 +214,36 @@ def load_tokenizer(job: JobConfig):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_run_folder(job: JobConfig, resume: str | bool | None) -> None:
+    """Refuse, before anything is loaded, a run folder the run could not write or find."""
+    from swarm.export.names import validate_name
+
+    if resume:
+        resume_rules.find_run_dir(job, resume if isinstance(resume, str) else None)
+        return
+    if job.output.name:
+        validate_name(job.output.name)
+        run_dir = Path(job.output.dir) / job.output.name
+        if run_dir.exists():
+            raise UserError(f"output.name: run folder {run_dir} exists; choose another output.name, "
+                            "or continue it with --resume")
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a ``ray.address`` where nothing answers (Ray itself would retry for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"ray.address {address!r} is not HOST:PORT (the head's GCS, e.g. 192.168.1.10:6379)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise UserError(f"ray.address {address}: nothing answers there ({exc.strerror or exc}); start the swarm "
+                        "with `swarm up` on the head, or check the address (`swarm status`)") from None
 
 
 def create_run_dir(job: JobConfig) -> Path:
@@ -354,24 +405,30 @@ def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder, fing
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def request_stop(signum, frame):
+        # Only a flag: the reader thread passes it on to the workers (a handler that calls
+        # Ray could run in the middle of a Ray call of this thread).
         if recorder.stop_requested:
             raise KeyboardInterrupt
         recorder.stop_requested = True
-        recorder.note("stopping after this step and saving a checkpoint (press Ctrl-C again to abort)")
-        mailbox.request_stop.remote()
 
     for sig in previous:
         signal.signal(sig, request_stop)
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - unwrap user errors raised inside a worker
-        raise user_error_from(exc) or exc
+        raise user_error_from(exc) or RunFailure(f"training failed: {describe_failure(exc)}") from exc
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         stop.set()
         reader.join()
         recorder.close()
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an exception Ray Train raised: its type and the start of its message."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def user_error_from(exc: BaseException) -> UserError | None:

@@ -31,6 +31,7 @@ class ProgressRecorder:
         self.run_dir = run_dir
         self.planner = planner  # a swarm.train.plans.GroupPlanner: answers the worker groups' plan requests
         self.refusal: str | None = None  # why a worker group could not train (the job no longer fits it)
+        self.failure: str | None = None  # what the driver failed to do with a worker's message (a write)
         self.status_job_id = status_job_id
         self.job = job
         self.console = Console(stderr=True)
@@ -56,16 +57,33 @@ class ProgressRecorder:
     # -- messages ---------------------------------------------------------------------
 
     def consume(self, mailbox, stop: threading.Event) -> None:
-        """Read the mailbox's messages until ``stop`` is set and it is drained."""
+        """Read the mailbox's messages until ``stop`` is set and it is drained.
+
+        Also passes a stop the user asked for (``stop_requested``, set by the signal
+        handler) on to the workers. A message this thread cannot handle (a full disk while
+        writing a checkpoint, say) must not end the run silently: it is kept in ``failure``,
+        the workers are asked to stop, and the driver reports it when they have.
+        """
         import ray
 
         from swarm.train.mailbox import unpack
 
         self._mailbox = mailbox
+        asked = False
         while True:
+            if self.stop_requested and not asked:
+                asked = True
+                self.note("stopping after this step and saving a checkpoint (press Ctrl-C again to abort)")
+                mailbox.request_stop.remote()
             taken = ray.get(mailbox.take.remote(0.5))
             for message in taken:
-                self.handle(unpack(message))
+                if self.failure is not None:
+                    continue  # nothing more is written once a write failed
+                try:
+                    self.handle(unpack(message))
+                except Exception as exc:  # noqa: BLE001 - any failure here must stop the run, loudly
+                    self.failure = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+                    mailbox.request_stop.remote()
             if not taken and stop.is_set():
                 return
 

@@ -68,6 +68,8 @@ def find_run_dir(job: JobConfig, given: str | None) -> Path:
     """
     if given:
         path = Path(given).expanduser()
+        if not path.exists():
+            raise UserError(f"--resume: {given} does not exist; give a run folder or one of its checkpoint folders")
         if (path / checkpoint.MANIFEST).exists() or path.name.startswith(checkpoint.PREFIX):
             return path.parent.parent
         if path.is_dir():

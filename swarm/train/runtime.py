@@ -22,6 +22,9 @@ def prepare_process_env() -> None:
     """
     if not cuda_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from swarm.train.ops import pin_ninja
+
+    pin_ninja()  # one ninja for every process, or DeepSpeed's ops rebuild (see swarm.train.ops)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -29,3 +32,9 @@ def prepare_process_env() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    try:  # transformers shows a bar while writing shards even with its verbosity at error
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass

@@ -86,3 +86,41 @@ def test_several_ada_geforce_cards_in_one_pc_go_through_host_memory():
     assert two_4090["NCCL_P2P_DISABLE"] == "1"
     assert "NCCL_P2P_DISABLE" not in collective_env("nccl", [("NVIDIA GeForce RTX 4090", (8, 9))])
     assert "NCCL_P2P_DISABLE" not in collective_env("nccl", [("NVIDIA RTX A6000", (8, 6))] * 2)
+
+
+def test_the_ops_a_plan_loads():
+    from swarm.train.ops import ops_for
+
+    def plan(use_gpu, **zero):
+        return {"placement": {"use_gpu": use_gpu}, "deepspeed": {"zero_optimization": {"stage": 3, **zero}}}
+
+    assert ops_for(plan(True)) == []
+    assert ops_for(plan(True, offload_optimizer={"device": "cpu"})) == ["cpu_adam"]
+    assert ops_for(plan(True, offload_param={"device": "nvme"}, offload_optimizer={"device": "cpu"})) == [
+        "cpu_adam", "async_io"]
+    assert ops_for(plan(False)) == ["deepspeed_shm_comm"]
+
+
+def test_a_build_lock_no_running_build_holds_is_stale(tmp_path):
+    from swarm.train.ops import stale_lock
+
+    assert stale_lock(tmp_path, running=[]) is None  # no lock
+    (tmp_path / "lock").touch()
+    assert stale_lock(tmp_path, running=[(1, "/"), (2, str(tmp_path / "other"))]) == tmp_path / "lock"
+    assert stale_lock(tmp_path, running=[(3, str(tmp_path))]) is None  # ninja is building there
+
+
+def test_swarm_processes_use_the_ninja_beside_their_python(monkeypatch):
+    import os
+    import sys
+    from pathlib import Path
+
+    from swarm.train.ops import pin_ninja
+
+    here = str(Path(sys.executable).parent)
+    assert (Path(here) / "ninja").is_file()  # DeepSpeed installs the pip ninja beside Python
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    pin_ninja()
+    assert os.environ["PATH"].split(os.pathsep)[0] == here
+    pin_ninja()  # idempotent
+    assert os.environ["PATH"].count(here) == 1

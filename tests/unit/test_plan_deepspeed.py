@@ -79,9 +79,12 @@ def test_a_turing_card_trains_in_fp16_with_dynamic_loss_scaling():
 
 
 def test_optimizers():
-    adamw = make_plan(job(train={"lr": 1e-3, "weight_decay": 0.1}), [gpu_pc()]).deepspeed
-    assert adamw["optimizer"] == {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8,
-                                                              "weight_decay": 0.1}}
+    on_card = make_plan(job(train={"lr": 1e-3, "weight_decay": 0.1}, offload={"optimizer": "none"}), [gpu_pc()])
+    # torch's AdamW: DeepSpeed's FusedAdam would need nvcc to compile on the user's PC.
+    assert on_card.deepspeed["optimizer"] == {"type": "AdamW", "params": {
+        "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1, "torch_adam": True}}
+    offloaded = make_plan(job(offload={"optimizer": "cpu"}), [gpu_pc()]).deepspeed
+    assert "torch_adam" not in offloaded["optimizer"]["params"]  # DeepSpeed's CPU Adam
     eight_bit = make_plan(job(train={"optimizer": "adamw_8bit"}), [gpu_pc()])
     assert "optimizer" not in eight_bit.deepspeed and eight_bit.deepspeed["zero_allow_untested_optimizer"]
     # A device optimizer is never offloaded, whatever `auto` could have picked.
