@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import yaml
 
 from swarm import __version__, metrics_log
@@ -86,11 +87,15 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
         tokenizer.save_pretrained(run_dir / "tokenizer")
         started = dt.datetime.now(dt.timezone.utc)
         recorder = ProgressRecorder(run_dir, job, dashboard_url, status_job_id=session.job_id, planner=planner)
+        fitted = threading.Event()
+        watch_local_ray(session, run_dir, fitted)
         try:
             fit(job, pack_arrays(prepared), recorder, fingerprint, resume_state, planner)
         except RunFailure as exc:
             raise RunFailure(f"{exc}{kept_checkpoint(run_dir)}; continue with `swarm train JOB --resume {run_dir}`") \
                 from exc
+        finally:
+            fitted.set()  # before Ray stops with the session
     if recorder.failure:
         raise RunFailure(f"the run stopped: writing to {run_dir} failed ({recorder.failure}){kept_checkpoint(run_dir)}; "
                          f"fix that (free disk space?) and continue with `swarm train JOB --resume {run_dir}`")
@@ -314,12 +319,44 @@ class ray_session:
                 _system_config={"prestart_worker_first_driver": False},
             )
         url = context.dashboard_url
+        # The processes of a Ray started here: if one dies the run cannot go on, and Ray's
+        # own core would end this process a minute later with a C++ log line.
+        self.head_processes = [] if settings.address else [
+            p for p in psutil.Process().children(recursive=True) if p.name() in ("gcs_server", "raylet")]
         return f"http://{url}" if url and not url.startswith("http") else url
+
+    def lost(self) -> list[str]:
+        """Names of this run's own Ray processes that are no longer running."""
+        return [p.name() for p in self.head_processes if not _running(p)]
 
     def __exit__(self, *exc) -> None:
         import ray
 
         ray.shutdown()
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def watch_local_ray(session: ray_session, run_dir: Path, done: threading.Event) -> threading.Thread:
+    """End the run with one line when the Ray started for it dies (nothing could go on)."""
+
+    def watch() -> None:
+        while not done.wait(2.0):
+            lost = session.lost()
+            if lost:
+                print(f"error: training failed: the Ray this run started stopped ({', '.join(lost)} exited)"
+                      f"{kept_checkpoint(run_dir)}; continue with `swarm train JOB --resume {run_dir}`",
+                      file=sys.stderr, flush=True)
+                os._exit(RunFailure.exit_status)
+
+    thread = threading.Thread(target=watch, daemon=True, name="swarm-ray-watch")
+    thread.start()
+    return thread
 
 
 def free_dashboard_port(wanted: int) -> int:
