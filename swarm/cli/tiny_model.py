@@ -18,8 +18,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("out", help="folder to write the model and tokenizer to")
     p.add_argument("--text", nargs="+", required=True, help="text files to train the tokenizer on")
     p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "mistral"])
-    # BPE needs its 256 byte tokens and the special tokens in the vocabulary.
-    p.add_argument("--vocab-size", type=integer(minimum=300, maximum=1_000_000), default=512)
+    p.add_argument("--vocab-size", type=integer(minimum=2, maximum=1_000_000), default=512)
     p.add_argument("--hidden", type=integer(minimum=4, maximum=65_536), default=128,
                    help="width, a multiple of 4 (the tiny models have 4 heads)")
     p.add_argument("--layers", type=integer(minimum=1, maximum=1024), default=2)
@@ -43,6 +42,9 @@ def run(args) -> int:
     from swarm.train.runtime import prepare_process_env
 
     prepare_process_env()  # quiet libraries: their progress bars would run into the output line
+    if args.tokenizer == "bpe" and args.vocab_size < 300:
+        # Byte-level BPE starts from its 256 byte tokens and the special tokens.
+        raise UserError(f"--vocab-size {args.vocab_size} is too small for a byte-level BPE tokenizer; give 300 or more")
     if args.hidden % 4:
         raise UserError(f"--hidden {args.hidden} must be a multiple of 4 (the tiny models have 4 heads)")
     from swarm.tiny import make_tiny_model

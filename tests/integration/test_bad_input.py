@@ -147,7 +147,7 @@ CASES = [
      "--hidden"),
     ("tiny-layers-zero", lambda ws: ["tiny-model", str(ws / "m2"), "--text", str(DEMO), "--layers", "0"], "--layers"),
     ("tiny-vocab-one", lambda ws: ["tiny-model", str(ws / "m3"), "--text", str(DEMO), "--vocab-size", "1"],
-     "--vocab-size"),
+     "--vocab-size 1 is too small"),
     ("tiny-hidden-odd", lambda ws: ["tiny-model", str(ws / "m4"), "--text", str(DEMO), "--hidden", "130"],
      "multiple of 4"),
     ("tiny-text-binary", lambda ws: ["tiny-model", str(ws / "m5"), "--text", str(ws / "binary.txt")], "UTF-8"),

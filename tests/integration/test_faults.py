@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -28,9 +29,17 @@ from swarm.train.checkpoint import intact_checkpoints
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 
 
-def start(job: Path, cwd: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "swarm", "train", str(job)], cwd=cwd, start_new_session=True,
+@contextmanager
+def training(job: Path, cwd: Path, log: Path):
+    """``swarm train JOB`` in the background; killed with everything it started if still running."""
+    proc = subprocess.Popen([sys.executable, "-m", "swarm", "train", str(job)], cwd=cwd, start_new_session=True,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def wait_for(condition, proc: subprocess.Popen, log: Path, what: str, timeout_s: float = 400) -> None:
@@ -69,17 +78,13 @@ def test_a_disk_that_fills_while_a_checkpoint_is_written_stops_the_run_with_its_
     job = write_job(tmp_path, tiny_models("llama"), train={"max_steps": 100_000, "checkpoint_every": 2},
                     output={"dir": str(small_disk / "runs")})
     log = tmp_path / "train.log"
-    proc = start(job, tmp_path, log)
-    try:
+    with training(job, tmp_path, log) as proc:
         wait_for(lambda: newest_checkpoint(small_disk) >= 2, proc, log, "a first checkpoint")
         # Fill the disk to within 64 kB: the next checkpoint (about 1 MB) cannot be written.
         free = shutil.disk_usage(small_disk).free
         with open(small_disk / "filler", "wb") as f:
             f.write(b"\0" * max(0, free - 64 * 1024))
         code = proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert code == 1, text[-3000:]
     [line] = error_lines(text)
@@ -115,15 +120,11 @@ def ray_train_workers(driver: psutil.Process) -> list[psutil.Process]:
 def test_a_killed_worker_is_restarted_from_the_newest_checkpoint(tiny_models, tmp_path):
     job = write_job(tmp_path, tiny_models("llama"), train={"max_steps": 14, "checkpoint_every": 4})
     log = tmp_path / "train.log"
-    proc = start(job, tmp_path, log)
-    try:
+    with training(job, tmp_path, log) as proc:
         wait_for(lambda: newest_checkpoint(tmp_path) >= 4, proc, log, "a checkpoint")
         [worker] = ray_train_workers(psutil.Process(proc.pid))
         worker.kill()
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert "worker 0 failed" in text and "workers restarted" in text, text[-3000:]
     run_dir = Path(text.strip().splitlines()[-1].removeprefix("run: "))
@@ -136,16 +137,12 @@ def test_a_killed_worker_is_restarted_from_the_newest_checkpoint(tiny_models, tm
 def test_a_local_ray_that_dies_ends_the_run_in_one_line_and_it_resumes(tiny_models, tmp_path):
     job = write_job(tmp_path, tiny_models("llama"), train={"max_steps": 100_000, "checkpoint_every": 4})
     log = tmp_path / "train.log"
-    proc = start(job, tmp_path, log)
-    try:
+    with training(job, tmp_path, log) as proc:
         wait_for(lambda: newest_checkpoint(tmp_path) >= 4, proc, log, "a checkpoint")
         for child in psutil.Process(proc.pid).children(recursive=True):
             if child.name() in ("gcs_server", "raylet"):
                 child.kill()
         code = proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert code == 1, text[-3000:]
     assert len(error_lines(text)) == 1 and "Traceback" not in text, text[-3000:]
