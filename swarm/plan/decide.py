@@ -388,7 +388,7 @@ def _node_figures(node: NodeInventory, is_head: bool, workers: int, device: str,
                   work: mem.Workload, strategy: mem.Strategy, world: int, knobs: mem.ZeroKnobs,
                   overheads: mem.Overheads, link_gbps: float | None, grad_accum: int, multi_node: bool) -> NodeFigures:
     wterms = mem.worker_terms(shape, work, strategy, world, knobs, device, overheads)
-    nterms = mem.node_terms(work, is_head, overheads)
+    nterms = mem.node_terms(work, is_head, overheads, shape.lora_params(work.lora_targets, work.lora_r))
     gpu = mem.peak(wterms, "gpu")
     unallocated = ("CUDA context", "CUDA allocator slack")
     allocated = mem.peak([t for t in wterms if t.name not in unallocated], "gpu")

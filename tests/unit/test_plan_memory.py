@@ -203,3 +203,15 @@ def test_layer_activation_formula_matches_autograd(tmp_path):
         work = mem.Workload(seq_len=128, micro_batch=2, lora_r=8, bits=4 if quantize else None)
         predicted = mem.layer_activation_bytes(shape, work) * 128 * 2
         assert 0.9 < predicted / measured < 1.1, (arch, predicted, measured)
+
+
+def test_the_head_counts_the_checkpoint_its_mailbox_and_driver_hold():
+    """The mailbox keeps the newest checkpoint's pickled tensors; the driver holds one while writing."""
+    shape = load_shape("llama-3.1-70b")
+    work = mem.Workload(seq_len=1024, micro_batch=1)
+    lora = shape.lora_params("all-linear", 16)
+    head = {t.name: t.bytes for t in mem.node_terms(work, True, lora_params=lora)}
+    held = head["newest checkpoint in the mailbox and the driver"]
+    assert held == 2 * lora * 12 and 4.5e9 < held < 5.5e9  # 207M parameters: fp32 weights and two moments
+    assert "newest checkpoint in the mailbox and the driver" not in {
+        t.name for t in mem.node_terms(work, False, lora_params=lora)}
