@@ -57,12 +57,8 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
         check_reachable(job.ray.address)
     planner = None
     if not job.ray.address:
-        # A local run is planned before Ray starts: a refusal costs nothing. Its workers
-        # run here, so DeepSpeed's ops are built here, once, before any worker needs them.
+        # A local run is planned before Ray starts: a refusal costs nothing.
         planner = plan_run(job, None)
-        from swarm.train.ops import ensure_ops, ops_for
-
-        ensure_ops(ops_for(planner.current.to_dict()), note=lambda line: print(line, file=sys.stderr, flush=True))
     tokenizer = load_tokenizer(job)
     from swarm.train.data import prepare_data
 
@@ -70,6 +66,12 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
     if not prepared.train:
         raise UserError(f"data.files: no training blocks were made from {', '.join(job.data.files)}")
     fingerprint = resume_rules.fingerprint(job, prepared.stats.sha256)
+    if not job.ray.address:
+        # The workers of a local run run here: DeepSpeed's ops are built here, once, after
+        # every input is checked and before any worker needs them.
+        from swarm.train.ops import ensure_ops, ops_for
+
+        ensure_ops(ops_for(planner.current.to_dict()), note=lambda line: print(line, file=sys.stderr, flush=True))
 
     with (session := ray_session(job)) as dashboard_url:
         if job.ray.address:

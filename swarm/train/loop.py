@@ -17,7 +17,9 @@ import time
 from typing import Any
 
 from swarm.config.models import JobConfig
+from swarm.train.diloco import Exchange, PcGroups
 from swarm.train.mailbox import pack, unpack
+from swarm.train.plans import plan_of_pc
 from swarm.train.runtime import prepare_process_env
 
 
@@ -118,11 +120,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     job = JobConfig.model_validate(cfg["job"])
     link = DriverLink(cfg["mailbox"]) if rank == 0 else None
-    plan = group_plan(cfg["mailbox"], link, rank, world, cfg["local"])
+    plan, addresses = group_plan(cfg["mailbox"], link, rank, world, cfg["local"])
     if "refused" in plan:
         if link is not None:
             link.deliver({"kind": "refused", "reason": plan["refused"]})
         return
+    # diloco: this worker's PC trains alone with its own plan; DeepSpeed stays inside the PC.
+    pc_groups = PcGroups.build(addresses, rank) if plan["strategy"]["name"] == "diloco" else None
+    if pc_groups is not None:
+        plan = plan_of_pc(plan, addresses[rank])
     data = ray.get(cfg["data"])
     packed_resume = ray.get(cfg["mailbox"].resume_state.remote())
     resume = unpack(packed_resume) if packed_resume is not None else None
@@ -146,7 +152,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     deepspeed.init_distributed(dist_backend=placement["backend"])
 
     torch.manual_seed(job.train.seed)
-    model = load_model(job, plan, device, adapter=resume["adapter"] if resume is not None else None)
+    model = load_model(job, plan, device, adapter=resume["adapter"] if resume is not None else None,
+                       group=pc_groups.intra if pc_groups else None)
     named = trainable_parameters(model)
     params = [p for _, p in named]
     engine, _, _, scheduler = deepspeed.initialize(
@@ -155,6 +162,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         optimizer=client_optimizer(job, params),
         lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(job)),
         config=ds_config,
+        mpu=pc_groups.mpu() if pc_groups else None,
     )
     if engine.zero_optimization_stage() != plan["strategy"]["zero_stage"]:
         raise RuntimeError(f"DeepSpeed runs ZeRO-{engine.zero_optimization_stage()}, the plan says "
@@ -162,6 +170,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     start_step, samples_seen = 0, 0
     if resume is not None:
         start_step, samples_seen = restore_trainer_state(engine, scheduler, named, resume)
+    exchange = None
+    if pc_groups is not None:
+        sync = plan["sync"]
+        saved = (resume or {}).get("trainer", {}).get("extra", {}).get("outer_momentum")
+        exchange = Exchange(engine, named, pc_groups, sync["outer_lr"], sync["outer_momentum"], saved)
+        pc_tokens = 0  # this worker's tokens since the last exchange
 
     hosts = [None] * world
     dist.all_gather_object(hosts, _host_facts(on_gpu))
@@ -185,6 +199,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     def checkpoint(done: int) -> None:
         state = gather_trainable_state(engine, scheduler, named, done, samples_seen)
+        if exchange is not None:  # taken right after an exchange: the adapter is the global one
+            state["trainer"]["extra"] = {"outer_momentum": exchange.momentum_buf.clone()}
         if link is not None:
             state["fingerprint"] = cfg["fingerprint"]
             state["peft_config"] = model.peft_config["default"]
@@ -210,7 +226,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         stop = 1.0 if link is not None and link.stop_requested() else 0.0
         sent = sent_bytes() - sent_before
         totals = torch.tensor([loss_sum.item() / ga, tokens, stop, sent], dtype=torch.float64, device=device)
+        reduced = time.perf_counter()
         dist.all_reduce(totals)
+        if exchange is not None:
+            exchange.blocked(time.perf_counter() - reduced)  # waiting for the other PCs
+            pc_tokens += tokens
         elapsed = time.perf_counter() - started
         done = step + 1
         last = done == job.train.max_steps
@@ -227,7 +247,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             if link is not None:
                 link.send({"kind": "eval", "step": done, "eval_loss": eval_loss})
         stopping = totals[2].item() > 0
-        if stopping or last or done % job.train.checkpoint_every == 0:
+        saving = stopping or last or done % job.train.checkpoint_every == 0
+        if exchange is not None and (saving or done % plan["sync"]["every"] == 0):
+            figures = exchange.sync(pc_total(pc_tokens, pc_groups))
+            pc_tokens = 0
+            if link is not None:
+                link.send({"kind": "sync", "step": done, "sync_bytes": figures.bytes_sent,
+                           "sync_seconds": figures.seconds, "sync_wait_s": figures.wait_s})
+        if saving:
             checkpoint(done)
         if stopping:
             if link is not None:
@@ -240,8 +267,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         link.deliver({"kind": "adapter", "peft_config": model.peft_config["default"], "state_dict": state})
 
 
-def group_plan(mailbox, link: DriverLink | None, rank: int, world: int, local: bool) -> dict:
-    """This worker group's plan from the driver (see ``swarm.train.plans``), the same on every rank.
+def pc_total(tokens: int, groups) -> float:
+    """The tokens of this worker's PC since the last exchange. Collective inside the PC."""
+    import torch
+    import torch.distributed as dist
+
+    total = torch.tensor([float(tokens)], dtype=torch.float64)
+    dist.all_reduce(total, group=groups.intra)
+    return float(total)
+
+
+def group_plan(mailbox, link: DriverLink | None, rank: int, world: int, local: bool) -> tuple[dict, list[str]]:
+    """This worker group's plan from the driver (see ``swarm.train.plans``), the same on every
+    rank, and each rank's node address.
 
     Collective: every rank gathers the node addresses of the group; rank 0 asks the driver
     for the group's plan and hands it to the others.
@@ -258,7 +296,7 @@ def group_plan(mailbox, link: DriverLink | None, rank: int, world: int, local: b
         key = group_key(addresses, local)
         answer[0] = receive_group_plan(mailbox, key, ask=lambda: link.send({"kind": "plan_request", "key": key}))
     dist.broadcast_object_list(answer, src=0)
-    return answer[0]
+    return answer[0], addresses
 
 
 def _masked_loss(engine, inputs):

@@ -50,14 +50,27 @@ def test_70b_on_one_16gb_card_needs_offload_and_says_which():
             assert not c.fits and "GPU" in c.problem
 
 
-def test_70b_on_two_pcs_with_24gb_cards_fits_sharded():
+def test_70b_on_two_pcs_with_24gb_cards_trains_each_pc_alone_and_exchanges_adapters():
+    """Issue 17: two RTX 3090 PCs on 1 Gb/s, the job of configs/llama-70b-swarm.yaml."""
     nodes = [pc("pc1", (("RTX 3090", 24),), 64), pc("pc2", (("RTX 3090", 24),), 64)]
-    plan = make_plan(job("llama-3.1-70b"), nodes)
-    assert plan.fits and plan.workers == 2
-    assert plan.strategy.zero_stage == 3
-    replicated = next(c for c in plan.candidates if c.strategy.name == "replicate")
-    assert not replicated.fits
-    assert plan.deepspeed["zero_optimization"]["stage"] == 3
+    swarm_job = job("llama-3.1-70b", 1024, 1, 8, offload={"params": "cpu", "optimizer": "cpu"})
+    plan = make_plan(swarm_job, nodes)
+    assert plan.fits and plan.workers == 2 and plan.strategy.kind == "diloco"
+    one_pc = make_plan(swarm_job, nodes[:1])
+    assert plan.tokens_per_s >= 1.8 * one_pc.tokens_per_s
+    assert max(n.step.bytes_sent for n in plan.nodes) <= 1e9
+    sharded = next(c for c in plan.candidates if c.strategy.kind == "shard")
+    assert sharded.step_seconds > 10 * plan.step_seconds  # ZeRO-3 gathers the base over the link
+    # Each PC is its own single-PC plan, with the job's offload inside it.
+    assert [p.strategy.name for p in plan.pcs] == ["shard-params-cpu-opt-cpu"] * 2
+    assert all(p.workers == 1 and p.deepspeed["zero_optimization"]["stage"] == 3 for p in plan.pcs)
+    assert plan.sync.every >= 1 and plan.to_dict()["sync"]["bytes_per_worker"] == plan.sync.bytes_per_worker
+
+
+def test_70b_forced_to_shard_over_two_pcs():
+    nodes = [pc("pc1", (("RTX 3090", 24),), 64), pc("pc2", (("RTX 3090", 24),), 64)]
+    plan = make_plan(job("llama-3.1-70b", train={"strategy": "shard"}), nodes)
+    assert plan.fits and plan.strategy.zero_stage == 3 and plan.deepspeed["zero_optimization"]["stage"] == 3
     assert all(n.step.bytes_sent > 0 for n in plan.nodes)
 
 
