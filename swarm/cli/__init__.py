@@ -13,7 +13,7 @@ from swarm import __version__
 from swarm.errors import UserError
 
 # Verb modules, each with ``add_parser(subparsers)`` and ``run(args) -> int``.
-VERBS = ("init", "agent", "up", "join", "status", "down", "plan", "train", "export", "tiny_model")
+VERBS = ("init", "agent", "up", "join", "status", "down", "token", "plan", "train", "export", "tiny_model")
 
 
 def build_parser() -> argparse.ArgumentParser:
