@@ -51,6 +51,14 @@ class AgentService:
         self._stopped_on_purpose = False
         self._lock = threading.Lock()  # one start/stop at a time
         self._speed: tuple[float, float] | None = None  # (measured at, bytes/s)
+        self._speed_lock = threading.Lock()  # one measurement at a time
+
+    def write_speed(self, measure: bool) -> float | None:
+        """The offload folder's write speed: measured now if ``measure`` and none is fresh."""
+        with self._speed_lock:
+            if measure and (self._speed is None or time.monotonic() - self._speed[0] > WRITE_SPEED_MAX_AGE_S):
+                self._speed = (time.monotonic(), hardware.measure_write_speed(self.offload))
+            return self._speed[1] if self._speed else None
 
     def health(self, request: pb.HealthRequest) -> pb.HealthReply:
         status = self._node_status()
@@ -64,13 +72,7 @@ class AgentService:
         )
 
     def inventory(self, request: pb.InventoryRequest) -> pb.InventoryReply:
-        speed = None
-        if request.measure_disk:
-            if self._speed is None or time.monotonic() - self._speed[0] > WRITE_SPEED_MAX_AGE_S:
-                self._speed = (time.monotonic(), hardware.measure_write_speed(self.offload))
-            speed = self._speed[1]
-        elif self._speed:
-            speed = self._speed[1]
+        speed = self.write_speed(request.measure_disk)
         inv = hardware.inventory(peer=request.peer or None, offload=self.offload, write_speed=speed)
         reply = inventory_to_proto(inv, offload_dir=str(self.offload))
         reply.node_public_key = tls.public_key_pem(self.key)
@@ -188,6 +190,9 @@ def run_agent(listen: str, secret: str | None, offload: Path, ready=None) -> Non
         ready: optional callable run once the server listens (prints the banner).
     """
     service = AgentService(secret, offload)
+    # Measured now, while nothing waits for it: `swarm up` then finds the figure ready instead
+    # of writing to every PC's drive while Ray starts.
+    threading.Thread(target=service.write_speed, args=(True,), daemon=True).start()
     identity = (tls.private_key_pem(service.key), tls.agent_certificate(service.key))
     server, _ = build_server(service, secret, listen, identity)
     done = threading.Event()

@@ -47,8 +47,8 @@ def _check(node: _Node, head_address: str, head_versions: dict, secret: str | No
     """Fill ``node.health`` and ``node.inventory``, or ``node.refusal`` (one phrase)."""
     try:
         node.health = node.client.health()
-        # Measuring the offload drive here (once; the agent caches it) puts its speed in
-        # `swarm status` and in the inventory the planner reads.
+        # The offload drive's speed (the agent measures it when it starts and caches it) goes
+        # into `swarm status` and into the inventory the planner reads.
         node.inventory = node.client.inventory(peer=head_address, measure_disk=True)
     except AgentCallError as exc:
         node.refusal = str(exc)
@@ -120,6 +120,7 @@ def up(spec: ClusterSpec, secret: str | None, timeout_s: float = 180.0, say=prin
         dashboard = builders.dashboard_url(spec.dashboard.host, spec.head.address)
         fresh_head = not (head.health.ray.running and head.health.ray.role == builders.HEAD)
         t0 = time.monotonic()
+        _save_state(spec, dashboard, secret, [])  # first, so that `swarm down` works even if this is interrupted
         with ThreadPoolExecutor(max_workers=8) as pool:
             head_start = pool.submit(head.client.start_ray, _start_request(spec, spec.head, builders.HEAD, head.inventory, secret))
             checks = [pool.submit(_check, w, spec.head.address, head_versions, secret) for w in workers]
@@ -161,7 +162,7 @@ def _start_worker(spec: ClusterSpec, w: _Node, secret: str | None, stale: bool, 
 
 
 def _save_state(spec: ClusterSpec, dashboard: str, secret: str | None, accepted: list[_Node]) -> None:
-    """Record the swarm before any worker starts, so that `swarm down` works even if `up` is interrupted."""
+    """Record the swarm (the head and the ``accepted`` workers) before they start."""
     save_cluster_state({
         "head_address": spec.head.address,
         "gcs_address": builders.gcs_address(spec.head.address),
