@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from swarm.cluster import constants as C
-from swarm.cluster.tls import TlsFiles
 from swarm.cluster.builders import (
     HEAD, WORKER, RayNodeSettings, child_env, choose_interface, dashboard_url, default_object_store_bytes,
     gcs_address, ray_node_env, ray_start_argv, version_mismatches, worker_slots,
 )
+from swarm.cluster.tls import TlsFiles
 
 MIB = 1024**2
 

@@ -129,10 +129,13 @@ def test_two_nodes_of_one_ca_shake_hands_and_a_stranger_cannot(home, tmp_path, m
     cert, ca = issued_for_this_pc("198.18.0.2")
     node = tls.install_node_certificate(cert, ca, "198.18.0.2")
     assert _handshake(node, node) == "ok"  # Ray uses one certificate at both ends
-    # A second PC of the same swarm: its own key, a certificate from the same CA.
+    # A second PC of the same swarm: its own key, a certificate from the same CA (the head's).
     monkeypatch.setenv("SWARM_HOME", str(tmp_path / "pc2"))
-    pc2 = tls.install_node_certificate(
-        _issue_with(home, tls.public_key_pem(tls.node_key()), "198.18.0.3"), ca, "198.18.0.3")
+    pc2_key = tls.public_key_pem(tls.node_key())
+    monkeypatch.setenv("SWARM_HOME", str(home))
+    pc2_cert = tls.issue_node_certificate(pc2_key, ["198.18.0.3"])
+    monkeypatch.setenv("SWARM_HOME", str(tmp_path / "pc2"))
+    pc2 = tls.install_node_certificate(pc2_cert, ca, "198.18.0.3")
     assert _handshake(node, pc2) == "ok"
     # A stranger: a CA and certificate of its own, even for the right address.
     monkeypatch.setenv("SWARM_HOME", str(tmp_path / "stranger"))
@@ -143,18 +146,6 @@ def test_two_nodes_of_one_ca_shake_hands_and_a_stranger_cannot(home, tmp_path, m
     assert "certificate verify failed" in _handshake(stranger, node, server_name="198.18.0.9")
     # A node certificate only vouches for its own address.
     assert "IP address mismatch" in _handshake(node, pc2, server_name="198.18.0.3")
-
-
-def _issue_with(home, public_key: bytes, address: str) -> bytes:
-    """Issue from the CA in ``home`` (the head's) while $SWARM_HOME points elsewhere."""
-    import os
-
-    saved = os.environ["SWARM_HOME"]
-    os.environ["SWARM_HOME"] = str(home)
-    try:
-        return tls.issue_node_certificate(public_key, [address])
-    finally:
-        os.environ["SWARM_HOME"] = saved
 
 
 def test_agent_certificate_is_on_the_node_key_and_fingerprints_differ_per_certificate():
