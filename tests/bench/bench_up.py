@@ -1,14 +1,15 @@
 """Time `swarm up` on three namespace hosts: from the command to every node alive in Ray.
 
 Run as root on Linux (needs `ip`, Debian's iproute2):
-    python tests/bench/bench_up.py [--runs N] [--insecure]
+    python tests/bench/bench_up.py [--runs N] [--insecure | --compare]
 
 Each run makes a fresh lab (three network namespaces on one bridge, 198.18.0.1-3, see
 configs/cluster-lab.yaml), starts an agent per host, times `swarm up` on the head host (which
 returns once Ray reports all nodes alive), times a second `swarm up` on the running swarm,
 times `swarm down` and deletes the lab. It prints figures; it does not pass or fail on them.
 With --insecure, agents and commands run without secret: Ray without token and without TLS,
-which shows what TLS and the certificates cost a bring-up.
+which shows what TLS and the certificates cost a bring-up; --compare alternates the two modes,
+N runs each, so that both see the same load on a shared machine.
 """
 
 from __future__ import annotations
@@ -72,24 +73,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--insecure", action="store_true", help="no secret: Ray without token and TLS (to see what TLS costs)")
+    parser.add_argument("--compare", action="store_true", help="alternate default and --insecure runs, --runs of each")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the lab makes network namespaces")
-    mode = "--insecure (no token, no TLS)" if args.insecure else "default (token, TLS)"
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}: swarm up on 3 namespace hosts ({CONFIG.relative_to(REPO)}), {mode}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
-    ups, agains = [], []
+    modes = [False, True] if args.compare else [args.insecure]
+    names = {False: "default (token, TLS)", True: "--insecure (no token, no TLS)"}
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}: swarm up on 3 namespace hosts ({CONFIG.relative_to(REPO)}), "
+          f"{' against '.join(names[m] for m in modes)}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    ups: dict[bool, list[float]] = {m: [] for m in modes}
+    agains: dict[bool, list[float]] = {m: [] for m in modes}
     for i in range(1, args.runs + 1):
-        up_s, again_s, down_s, out = one_run(args.insecure)
-        ups.append(up_s)
-        agains.append(again_s)
-        phases = "; ".join(re.findall(r"^(?:head|worker) \S+: \w+.*\(([\d.]+s)\)$", out, re.M))
-        print(f"run {i}: {up_s:.1f} s from `swarm up` to all 3 nodes alive (node starts done at {phases}); "
-              f"again on the running swarm: {again_s:.1f} s; swarm down: {down_s:.1f} s; load average {os.getloadavg()[0]:.1f}",
-              flush=True)
-    if args.runs > 1:
-        print(f"median: {statistics.median(ups):.1f} s to all nodes alive (runs: {', '.join(f'{u:.1f}' for u in ups)}), "
-              f"{statistics.median(agains):.1f} s again")
+        for insecure in modes if i % 2 else modes[::-1]:  # alternate which mode goes first
+            up_s, again_s, down_s, out = one_run(insecure)
+            ups[insecure].append(up_s)
+            agains[insecure].append(again_s)
+            phases = "; ".join(re.findall(r"^(?:head|worker) \S+: \w+.*\(([\d.]+s)\)$", out, re.M))
+            label = f" {names[insecure]}" if args.compare else ""
+            print(f"run {i}{label}: {up_s:.1f} s from `swarm up` to all 3 nodes alive (node starts done at {phases}); "
+                  f"again on the running swarm: {again_s:.1f} s; swarm down: {down_s:.1f} s; "
+                  f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    for insecure in modes if args.runs > 1 else []:
+        runs = ", ".join(f"{u:.1f}" for u in ups[insecure])
+        print(f"median, {names[insecure]}: {statistics.median(ups[insecure]):.1f} s to all nodes alive (runs: {runs}), "
+              f"{statistics.median(agains[insecure]):.1f} s again")
     return 0
 
 
