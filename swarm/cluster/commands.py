@@ -10,7 +10,7 @@ from swarm.cluster import bringup
 from swarm.cluster.spec import ClusterSpec, NodeSpec, load_cluster_spec
 from swarm.cluster.state import cluster_status
 from swarm.errors import UserError
-from swarm.home import resolve_secret, secret_path
+from swarm.home import resolve_secret
 
 
 def _gib(n: int | None) -> str:
@@ -40,7 +40,7 @@ def format_status(status: dict) -> str:
     if status.get("error"):
         lines.append(f"note: {status['error']}")
     if status.get("dashboard"):
-        lines.append(f"dashboard: {status['dashboard']}  (sign in with the token in {secret_path()})")
+        lines.append(f"dashboard: {status['dashboard']}  (sign in with the token `swarm token` prints)")
     return "\n".join(lines)
 
 

@@ -377,17 +377,25 @@ def free_dashboard_port(wanted: int) -> int:
 
 
 def swarm_client_env() -> dict[str, str]:
-    """Ray's token variables from this PC's swarm secret; empty when there is no secret.
+    """Ray's token and TLS variables from this PC's swarm secret and node certificate.
 
-    Ray reads them when its core starts, so they must be set before ``ray.init``.
+    A swarm this PC brought up with ``--insecure`` gets ``RAY_AUTH_MODE=disabled`` and no TLS;
+    a PC without secret, nothing (a Ray cluster that is not a swarm). Ray reads them when its
+    core starts, so they must be set before ``ray.init``.
+
+    Raises:
+        UserError: the secret is unusable, or this PC has no node certificate of the swarm.
     """
     from swarm.cluster.client import ray_client_env
-    from swarm.home import read_secret
+    from swarm.cluster.state import load_cluster_state
+    from swarm.home import read_secret, secret_path
 
-    try:
-        return ray_client_env(read_secret())
-    except UserError:
+    state = load_cluster_state()
+    if state is not None and state.get("auth") == "disabled":
+        return ray_client_env(None)
+    if not secret_path().exists():
         return {}
+    return ray_client_env(read_secret())
 
 
 def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder, fingerprint: dict, resume_state,
