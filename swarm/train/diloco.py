@@ -137,6 +137,7 @@ class SyncFigures:
     bytes_sent: int
     seconds: float
     wait_s: float
+    checksums: list[float]  # every PC's adapter after the exchange, summed: all equal
 
 
 class Exchange:
@@ -205,7 +206,15 @@ class Exchange:
         self._set_adapter(new_global)
         self.global_flat = new_global
         self.waited_s = 0.0
-        return SyncFigures(sent, time.perf_counter() - started, wait_s)
+        checksums = []
+        if groups.is_leader:  # what each PC now trains from, to show they agree
+            mine = self._local_flat().double().sum().reshape(1)
+            gathered = [torch.zeros_like(mine) for _ in range(groups.pcs)]
+            dist.all_gather(gathered, mine, group=groups.leaders)
+            checksums = [float(x) for x in gathered]
+        else:
+            self._local_flat()  # the gather above is collective inside the PC
+        return SyncFigures(sent, time.perf_counter() - started, wait_s, checksums)
 
     def _set_adapter(self, flat) -> None:
         """Make ``flat`` this PC's adapter: fp32 masters and the weights the model computes with."""

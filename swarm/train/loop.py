@@ -253,7 +253,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             pc_tokens = 0
             if link is not None:
                 link.send({"kind": "sync", "step": done, "sync_bytes": figures.bytes_sent,
-                           "sync_seconds": figures.seconds, "sync_wait_s": figures.wait_s})
+                           "sync_seconds": figures.seconds, "sync_wait_s": figures.wait_s,
+                           "adapter_checksums": figures.checksums})
         if saving:
             checkpoint(done)
         if stopping:
