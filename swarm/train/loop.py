@@ -249,10 +249,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         stopping = totals[2].item() > 0
         saving = stopping or last or done % job.train.checkpoint_every == 0
         if exchange is not None and (saving or done % plan["sync"]["every"] == 0):
+            sent_before = sent_bytes()
             figures = exchange.sync(pc_total(pc_tokens, pc_groups))
             pc_tokens = 0
             if link is not None:
                 link.send({"kind": "sync", "step": done, "sync_bytes": figures.bytes_sent,
+                           # what this PC's interface carried during the exchange, Ray's share too
+                           **({"sync_sent_bytes": sent_bytes() - sent_before} if counting else {}),
                            "sync_seconds": figures.seconds, "sync_wait_s": figures.wait_s,
                            "adapter_checksums": figures.checksums})
         if saving:

@@ -7,8 +7,8 @@ One lab (configs/cluster-lab.yaml: a head that only coordinates, two worker host
 brought up. For each link rate (a token bucket on every host's link) the same tiny QLoRA job,
 the same tokens, runs sharded (ZeRO-3 across the hosts), replicated (ZeRO-2 across them), and
 with diloco exchanging adapters every H = 1, 8 and 32 steps. It prints, per run, the bytes
-each worker's PC sent per step (the mean over the steps, so exchanges every H steps count
-in full), the median step time, tokens/s, the final train loss and the eval loss, then the
+each worker's PC sent per step and the seconds per step (means over the steps, exchanges
+included in full), tokens/s, the final train loss and the eval loss, then the
 byte ratios at H=8 and the eval loss against replicate's. It prints figures; it does not pass
 or fail on them. Both worker hosts share this machine's cores: compare bytes and loss, not
 speed-up.
@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -54,12 +53,16 @@ def measure(lab: NetLab, job: Path) -> dict:
         raise SystemExit(f"swarm train failed:\n{result.stderr[-4000:]}")
     run_dir = Path(result.stdout.strip().splitlines()[-1].removeprefix("run: "))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r][2:]  # the first steps include warm-up work
+    first = 3  # the first steps include warm-up work
+    steps = [r for r in rows if "loss" in r and r["step"] >= first]
+    syncs = [r for r in rows if "sync_bytes" in r and r["step"] >= first]
     summary = json.loads((run_dir / "run.json").read_text())
-    step_s = statistics.median(r["step_time_s"] for r in steps)
+    # An exchange runs after its step's figures: add its bytes and seconds to the steps'.
+    sent = sum(r["sent_bytes_per_worker"] for r in steps) + sum(r["sync_sent_bytes"] for r in syncs)
+    seconds = sum(r["step_time_s"] for r in steps) + sum(r["sync_seconds"] for r in syncs)
     return {
-        "sent_bytes": statistics.mean(r["sent_bytes_per_worker"] for r in steps),
-        "step_s": step_s, "tokens_per_s": statistics.median(r["tokens"] for r in steps) / step_s,
+        "sent_bytes": sent / len(steps), "step_s": seconds / len(steps),
+        "tokens_per_s": sum(r["tokens"] for r in steps) / seconds,
         "loss": summary["train_loss"], "eval_loss": summary["eval_loss"],
     }
 
@@ -70,12 +73,15 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--keep", action="store_true", help="keep the runs' folders (printed)")
+    parser.add_argument("--only", help="run only these, e.g. 'replicate,diloco H=8'")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the lab makes network namespaces")
     from swarm.tiny import make_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-diloco-"))
+    print(f"runs in {work}")
     model = make_tiny_model(work / "tiny-llama", [DEMO_TEXT], hidden=args.hidden, layers=args.layers)
     print(f"tiny Llama (hidden {args.hidden}, {args.layers} layers), QLoRA r16, seq 128, micro-batch 2, "
           f"{args.steps} steps per run, CPU offload where the strategy allows; {os.cpu_count()} CPUs")
@@ -95,19 +101,22 @@ def main() -> int:
         for rate in args.rates.split(","):
             cap(lab, rate)
             for name, train in RUNS:
+                if args.only and name not in args.only.split(","):
+                    continue
                 r = {"rate": rate, "run": name, **measure(lab, job_file(work, model, args.steps, **train))}
                 table.append(r)
                 print(f"  {rate:8s} {name:12s} sent {r['sent_bytes'] / 1e3:9.1f} kB/step, step {r['step_s']:.2f} s, "
                       f"{r['tokens_per_s']:.0f} tok/s, loss {r['loss']:.3f}, eval {r['eval_loss']:.3f}", flush=True)
         lab.swarm(1, "down", timeout=300)
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
 
-    print("\n| link | run | sent per step per worker (kB) | median step (s) | tokens/s | train loss | eval loss |")
+    print("\n| link | run | sent per step per worker (kB) | mean step (s) | tokens/s | train loss | eval loss |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
         print(f"| {r['rate']} | {r['run']} | {r['sent_bytes'] / 1e3:.1f} | {r['step_s']:.2f} | "
               f"{r['tokens_per_s']:.0f} | {r['loss']:.3f} | {r['eval_loss']:.3f} |")
-    for rate in args.rates.split(","):
+    for rate in [] if args.only else args.rates.split(","):
         by = {r["run"]: r for r in table if r["rate"] == rate}
         h8 = by["diloco H=8"]
         print(f"\n{rate}: at H=8, {by['replicate']['sent_bytes'] / h8['sent_bytes']:.0f}x fewer bytes per step than "
