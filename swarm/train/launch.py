@@ -295,6 +295,8 @@ class ray_session:
     def __enter__(self) -> str | None:
         import ray
 
+        from swarm.train.trainer import LOCAL_RAY_SYSTEM_CONFIG
+
         settings = self.job.ray
         self.job_id = None
         if settings.address:
@@ -316,9 +318,7 @@ class ray_session:
                 # Worker output goes to Ray's log files; the terminal shows swarm's progress.
                 log_to_driver=False,
                 logging_level="ERROR",
-                # Ray would start an idle worker process in advance for tasks; a training
-                # run starts only actors, which get processes of their own.
-                _system_config={"prestart_worker_first_driver": False},
+                _system_config=LOCAL_RAY_SYSTEM_CONFIG,
             )
         url = context.dashboard_url
         # The processes of a Ray started here: if one dies the run cannot go on, and Ray's

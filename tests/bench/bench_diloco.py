@@ -26,12 +26,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # lab: the network-namespace hosts
 sys.path.insert(0, str(REPO / "tests" / "bench"))
 
 from bench_swarm_train import CONFIG, DEMO_TEXT, job_file  # noqa: E402
 from bench_up import wait_healthy  # noqa: E402
 
-from swarm.cluster.netlab import NetLab  # noqa: E402
+from lab.netlab import NetLab  # noqa: E402
 
 RUNS = [("shard", {"strategy": "shard"}), ("replicate", {"strategy": "replicate"})] + [
     (f"diloco H={h}", {"strategy": "diloco", "sync_every": h}) for h in (1, 8, 32)]

@@ -31,12 +31,13 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "cluster-lab.yaml"
 DEMO_TEXT = REPO / "configs" / "data" / "demo.txt"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # lab: the network-namespace hosts
 
 sys.path.insert(0, str(REPO / "tests" / "bench"))
 
 from bench_up import wait_healthy  # noqa: E402
 
-from swarm.cluster.netlab import NetLab  # noqa: E402
+from lab.netlab import NetLab  # noqa: E402
 
 
 def shape(lab: NetLab, rate: str) -> None:

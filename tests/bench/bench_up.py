@@ -26,8 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "cluster-lab.yaml"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # lab: the network-namespace hosts
 
-from swarm.cluster.netlab import NetLab  # noqa: E402
+from lab.netlab import NetLab  # noqa: E402
 
 
 def wait_healthy(lab: NetLab, host: int, timeout_s: float = 120, insecure: bool = False) -> None:

@@ -85,7 +85,7 @@ def stop(proc: subprocess.Popen, timeout_s: float = 60) -> int:
 
 @pytest.fixture(scope="module")
 def swarm():
-    from swarm.cluster.netlab import NetLab
+    from lab.netlab import NetLab
 
     lab = NetLab(4)
     lab.create()
@@ -101,7 +101,7 @@ def swarm():
         yield Swarm(lab, agents, secret_file.read_text().strip(), up, time.monotonic() - start)
     finally:
         lab.destroy()
-        from swarm.cluster.netlab import namespaces
+        from lab.netlab import namespaces
 
         assert not [ns for ns in namespaces() if ns.startswith(lab.tag + "-")], "namespaces left behind"
 

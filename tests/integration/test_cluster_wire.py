@@ -2,7 +2,7 @@
 
 Hosts 1-3 form a swarm as ``configs/cluster-lab.yaml`` describes (the head coordinates, two PCs
 train); host 4 is a stranger's PC on the same LAN, without the secret. The bridge is recorded
-(``swarm.cluster.wirecap``) from before ``swarm init`` to after ``swarm down``. The tests run in
+(``lab.wirecap``) from before ``swarm init`` to after ``swarm down``. The tests run in
 file order on that one lab:
 
 - every port each swarm PC reports listening is probed from host 4, without credentials, with
@@ -70,7 +70,7 @@ def start_agent(lab, host: int) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def wire():
-    from swarm.cluster.netlab import NetLab, namespaces
+    from lab.netlab import NetLab, namespaces
 
     lab = NetLab(4)
     lab.create()

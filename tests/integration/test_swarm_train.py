@@ -36,7 +36,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def lab():
-    from swarm.cluster.netlab import NetLab, namespaces
+    from lab.netlab import NetLab, namespaces
 
     lab = NetLab(3)
     lab.create()
@@ -154,7 +154,7 @@ def test_more_workers_than_the_swarm_has_is_refused_before_loading(lab, tiny_mod
 
 @pytest.mark.timeout(1800)
 def test_a_host_dropping_out_costs_at_most_one_checkpoint_interval_and_it_grows_back(lab, tiny_models, tmp_path):
-    from swarm.cluster.netlab import kill_namespace_processes
+    from lab.netlab import kill_namespace_processes
 
     # The run must outlast a restart on one host and the regrowth, however fast this
     # machine steps (a tiny model takes ~0.1 s a step): it has far more steps than it
@@ -282,7 +282,7 @@ def test_a_diloco_run_resumes_on_one_host(lab, diloco_run):
 
 @pytest.mark.timeout(1800)
 def test_when_a_diloco_host_dies_the_other_trains_to_the_end(lab, tiny_models, tmp_path):
-    from swarm.cluster.netlab import kill_namespace_processes
+    from lab.netlab import kill_namespace_processes
 
     job = swarm_job(tmp_path, tiny_models("llama"), strategy="diloco", max_steps=40, min_workers=1,
                     sync_every=2, regrow_check_s=3600)

@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from swarm.config.models import JobConfig
 from swarm.errors import UserError
 from swarm.inventory import GpuInfo, NodeInventory
 from swarm.plan import memory as mem
 from swarm.plan.decide import make_plan
-from swarm.plan.gpus import GPUS
 
 GiB = 1024**3
 
@@ -78,45 +75,6 @@ def test_nothing_fits_gives_one_line_naming_the_term():
     plan = make_plan(job("llama-3.1-70b"), [pc(gpus=(("RTX 3060", 12),), ram_gb=16)])
     assert not plan.fits
     assert "\n" not in plan.reason and "largest:" in plan.reason
-
-
-gpu_choice = st.sampled_from([(g.name, g.vram_gb) for g in GPUS if g.vram_gb <= 48])
-nodes_st = st.lists(
-    st.builds(
-        lambda gpus, ram, nvme: (gpus, ram, nvme),
-        st.lists(gpu_choice, min_size=0, max_size=2),
-        st.sampled_from([8, 16, 32, 64, 128]),
-        st.sampled_from([None, 0, 200, 2000]),
-    ),
-    min_size=1, max_size=3,
-)
-
-
-def _recount(terms, where):
-    return max(sum(t.bytes for t in terms if t.where == where and t.phase in ("always", ph)) for ph in ("load", "train"))
-
-
-@settings(max_examples=40, deadline=None)
-@given(model=st.sampled_from(["qwen2.5-0.5b", "llama-3.1-8b", "gemma-2-9b", "llama-3.1-70b"]),
-       seq_len=st.sampled_from([256, 1024, 4096]), micro_batch=st.integers(1, 4), spec=nodes_st)
-def test_a_chosen_plan_never_exceeds_any_node(model, seq_len, micro_batch, spec):
-    if all(not gpus for gpus, _, _ in spec) and len(spec) > 1:
-        spec = spec[:1]
-    nodes = [pc(f"n{i}", tuple(gpus), ram, nvme) for i, (gpus, ram, nvme) in enumerate(spec)]
-    plan = make_plan(job(model, seq_len, micro_batch, 2), nodes)
-    assert (plan.reason is None) == plan.fits
-    if not plan.fits:
-        return
-    by_name = {n.hostname: n for n in nodes}
-    for node in plan.nodes:  # the nodes that host workers
-        inv = by_name[node.name]
-        # Recount from the terms rather than trusting the figures the planner compared.
-        if inv.gpus:
-            assert _recount(node.terms, "gpu") == node.gpu_bytes
-            assert node.gpu_bytes <= min(g.vram_bytes for g in inv.gpus)
-        assert _recount(node.node_terms(), "ram") == node.ram_bytes
-        assert node.ram_bytes <= inv.ram_bytes * 0.95
-        assert _recount(node.node_terms(), "nvme") <= (inv.offload_free_bytes or 0)
 
 
 def test_job_offload_section_forces_the_strategy():

@@ -1,6 +1,6 @@
 """Capture what crosses the test lab's bridge, and look for byte strings in it (tests, benchmarks).
 
-``python -m swarm.cluster.wirecap OUT.pcap`` runs inside the lab's bridge namespace (as root)
+``python tests/lab/wirecap.py OUT.pcap`` runs inside the lab's bridge namespace (as root)
 and records every frame that enters the bridge from any host, each once, into a pcap file
 (Wireshark and tcpdump read it), until SIGTERM or SIGINT. It needs nothing but Python: a raw
 ``AF_PACKET`` socket sees the frames on every interface of the namespace.

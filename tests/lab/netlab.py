@@ -164,9 +164,9 @@ class NetLab:
 
     def capture(self, out: Path) -> subprocess.Popen:
         """Start recording every frame that crosses the bridge into the pcap file ``out``
-        (``swarm.cluster.wirecap``); stop it with ``stop_capture``."""
+        (``tests/lab/wirecap.py``); stop it with ``stop_capture``."""
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", f"{self.tag}-sw", sys.executable, "-m", "swarm.cluster.wirecap", str(out)],
+            ["ip", "netns", "exec", f"{self.tag}-sw", sys.executable, str(Path(__file__).with_name("wirecap.py")), str(out)],
             env=self.env(0), stdout=subprocess.PIPE, text=True, start_new_session=True,
         )
         if proc.stdout.readline().strip() != "capturing":
