@@ -152,6 +152,8 @@ def plan_of_pc(plan: dict, address: str) -> dict:
     Its PC's DeepSpeed config, strategy, micro-batch and accumulation replace the run's;
     the precision, placement and the exchange (``sync``) stay the run's.
     """
-    [pc] = [pc for pc in plan["pcs"] if pc["address"] == address]
+    pcs = plan["pcs"]
+    # A run on its own Ray has one PC, whose address the plan never learned.
+    [pc] = pcs if len(pcs) == 1 else [pc for pc in pcs if pc["address"] == address]
     return {**plan, "deepspeed": pc["deepspeed"], "strategy": pc["strategy"], "micro_batch": pc["micro_batch"],
             "grad_accum": pc["grad_accum"], "pc": pc["name"]}
