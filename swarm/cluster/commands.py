@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 
 from swarm.cluster import bringup
@@ -55,15 +56,24 @@ def up_command(cluster: str | None, insecure: bool, timeout_s: float) -> int:
     secret = resolve_secret(insecure)
     spec = load_cluster_spec(cluster) if cluster else _one_pc_spec()
     start = time.monotonic()
-    refusals = bringup.up(spec, secret, timeout_s=timeout_s)
+    refusals = bringup.up(spec, secret, timeout_s=timeout_s, say=say_whole_lines)
     elapsed = time.monotonic() - start
     print(format_status(cluster_status(secret)))
     print(f"up in {elapsed:.1f}s")
-    for line in refusals:
-        print(f"error: {line}", file=sys.stderr)
     if refusals:
-        raise UserError(f"{len(refusals)} node(s) refused (see above); fix them and run `swarm up` again, the others are up")
+        # One line for all of them: the error, then what to do.
+        raise UserError(f"{len(refusals)} node(s) refused: {'; '.join(refusals)}; fix them and run `swarm up` "
+                        "again, the others are up")
     return 0
+
+
+_PRINTING = threading.Lock()
+
+
+def say_whole_lines(line: str) -> None:
+    """Print a progress line from any of bring-up's threads without lines running together."""
+    with _PRINTING:
+        print(line, flush=True)
 
 
 def status_command(as_json: bool, insecure: bool) -> int:
