@@ -266,20 +266,25 @@ def test_browser_signs_in_to_the_dashboard_and_sees_every_node(swarm):
 def test_up_again_starts_only_what_is_missing_and_refuses_other_versions(swarm, tmp_path):
     lab = swarm.lab
     fake = start_agent(lab, OTHER, ["-c", WITH_FAKE_VERSION])
-    config = yaml.safe_load(LAB_CONFIG.read_text())
-    config["workers"].append({"address": ADDR[OTHER]})
-    path = tmp_path / "cluster-4.yaml"
-    path.write_text(yaml.safe_dump(config))
-    r = lab.swarm(HEAD, "up", str(path), timeout=400)
-    assert r.returncode == 2, r.stdout + r.stderr
-    for host in (HEAD, W1, W2):
-        assert f"{ADDR[host]}: already running" in r.stdout
-    import swarm as package
+    try:
+        config = yaml.safe_load(LAB_CONFIG.read_text())
+        config["workers"].append({"address": ADDR[OTHER]})
+        path = tmp_path / "cluster-4.yaml"
+        path.write_text(yaml.safe_dump(config))
+        r = lab.swarm(HEAD, "up", str(path), timeout=400)
+        assert r.returncode == 2, r.stdout + r.stderr
+        for host in (HEAD, W1, W2):
+            assert f"{ADDR[host]}: already running" in r.stdout
+        import swarm as package
 
-    assert f"error: node {ADDR[OTHER]}: swarm {FAKE_VERSION} differs from the head's {package.__version__}; " in r.stderr
-    assert lab.pids(OTHER) == [fake.pid]  # nothing was started there
-    assert {n["address"] for n in status(lab)["nodes"] if n["alive"]} == {ADDR[HEAD], ADDR[W1], ADDR[W2]}
-    assert stop(fake) == 0 and lab.pids(OTHER) == []
+        # One error line names the refused node and why.
+        assert r.stderr.startswith("error: 1 node(s) refused: ") and r.stderr.count("\n") == 1, r.stderr
+        assert f"node {ADDR[OTHER]}: swarm {FAKE_VERSION} differs from the head's {package.__version__}; " in r.stderr
+        assert lab.pids(OTHER) == [fake.pid]  # nothing was started there
+        assert {n["address"] for n in status(lab)["nodes"] if n["alive"]} == {ADDR[HEAD], ADDR[W1], ADDR[W2]}
+    finally:
+        assert stop(fake) == 0
+    assert lab.pids(OTHER) == []
 
 
 def test_join_without_agent(swarm):

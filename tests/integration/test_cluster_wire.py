@@ -247,7 +247,8 @@ def test_status_then_down(wire):
 def test_the_recording_holds_no_secret_and_no_key_though_it_holds_every_phase(wire):
     from cryptography.hazmat.primitives import serialization
 
-    from swarm.cluster import keys, wirecap
+    from lab import wirecap
+    from swarm.cluster import keys
 
     assert wire.phases == ["up", "train", "status", "down"], "an earlier test failed: the recording misses a phase"
     needles = {}
@@ -279,7 +280,8 @@ def test_a_token_sniffed_off_a_plain_http_dashboard_cannot_sign_an_agent_call(wi
     HTTP (``dashboard.insecure_plain_http``). The token a stranger sniffs there opens the
     dashboard, as the option's name warns, but it is not the secret: no agent takes a call
     signed with it, and Ray's gRPC does not even shake hands without a certificate."""
-    from swarm.cluster import keys, wirecap
+    from lab import wirecap
+    from swarm.cluster import keys
 
     lab = wire.lab
     config = yaml.safe_load(LAB_CONFIG.read_text())
