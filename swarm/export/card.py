@@ -65,9 +65,10 @@ def render_card(
         "tags": ["swarm", method.lower(), *(["lora", "bitsandbytes"] if qlora else []), "deepspeed"]
         + (["peft", f"base_model:adapter:{base_ref}"] if kind == "adapter" else [])
         + (["gguf", "llama.cpp", "ollama"] if kind == "gguf" else []),
-        "datasets": list(dict.fromkeys(file_stem(f) for f in job.data.files)),
+        # A Hub data set by its id (the Hub links it); a local file by its stem.
+        "datasets": list(dict.fromkeys(s.hub or file_stem(s.path) for s in job.data.sources)),
     }
-    files = ", ".join(f"`{Path(f).name}`" for f in job.data.files)
+    files = ", ".join(f"`{s.hub or Path(s.path).name}`" for s in job.data.sources)
     what = {
         "adapter": f"A {method} adapter for `{base_ref}`",
         "merged": f"`{base_ref}` with a {method} adapter merged into its weights ({dtype})",
@@ -154,7 +155,7 @@ def _merging(qlora: bool, job, dtype: str | None, kind: str) -> str:
 
 def _data(run: RunRecord) -> str:
     data = run.info.get("data") or {}
-    files = data.get("files") or run.job.data.files
+    files = data.get("files") or run.job.data.labels
     rows = [
         ("Files", ", ".join(f"`{f}`" for f in files)),
         ("Format", data.get("format", run.job.data.format)),

@@ -129,6 +129,12 @@ class Workload:
     compute_bytes: int = 2  # bf16/fp16; 4 for fp32
     eager_attention: bool = False
     object_store_bytes: int = 512 * 1024**2
+    # Preference training: a sample is a pair of sequences (chosen, rejected), and DPO runs a
+    # forward pass without gradients through the base with the adapter off (the reference).
+    sequences: int = 1
+    reference_passes: int = 0
+    dora: bool = False  # DoRA: each adapted layer builds its whole weight to take its norm
+    data_tokens: int = 0  # tokens the driver prepares (train + eval)
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,13 @@ class Overheads:
     # run peaked no higher). With MALLOC_MMAP_THRESHOLD_=65536 the training RSS stays flat.
     cpu_dequant_retained: float = 1.0
     ray_node: int = int(0.3 * GiB)  # raylet and dashboard agent on every node
-    ray_head: int = int(1.0 * GiB)  # GCS, dashboard and the swarm driver on the first node
+    ray_head: int = int(1.0 * GiB)  # GCS and dashboard on the first node
+    # The swarm driver: python with torch, transformers, datasets, Ray's client and the
+    # tokenizer, and, while the data is prepared, its tokens (swarm.train.packing keeps ids,
+    # loss mask and positions as numpy arrays, then hands them to Ray's object store).
+    # Measured by tests/bench/bench_data.py (docs/data.md, "How far it scales").
+    driver_process: int = int(0.5 * GiB)
+    driver_bytes_per_token: float = 20.0
     os_and_desktop: int = int(2.0 * GiB)
     shard_bytes: int = 5 * 10**9  # transformers' default max_shard_size
     ram_limit_fraction: float = 0.95  # Ray's memory monitor kills workers above this share
@@ -294,6 +306,10 @@ def worker_terms(shape: ModelShape, work: Workload, strategy: Strategy, world: i
         add("4-bit dequantize buffer", dev, shape.largest_quantizable_numel * d, "train")
         if device == "cpu":
             add("4-bit dequantized copies kept by malloc", "ram", overheads.cpu_dequant_retained * quantized * d, "train")
+    if work.dora:
+        # peft's DoRA takes the norm of W + scale * B @ A per layer: the dequantized weight,
+        # B @ A and their sum, in fp32, for the largest adapted layer at a time.
+        add("DoRA weight norm (one layer's matrices)", dev, 3 * shape.largest_quantizable_numel * 4, "train")
 
     # Trainable state: gradients and optimizer (LoRA parameters only), partitioned by ZeRO.
     per_param = optimizer_bytes_per_param(work.optimizer, d)
@@ -362,7 +378,11 @@ def node_terms(work: Workload, is_head: bool, overheads: Overheads = OVERHEADS, 
         Term("Ray daemons (raylet, agent)", "ram", overheads.ray_node, scope="node"),
     ]
     if is_head:
-        terms.append(Term("Ray head and swarm driver", "ram", overheads.ray_head, scope="node"))
+        terms.append(Term("Ray head (GCS, dashboard)", "ram", overheads.ray_head, scope="node"))
+        terms.append(Term("swarm driver", "ram", overheads.driver_process, scope="node"))
+        if work.data_tokens:
+            terms.append(Term("swarm driver: data while it is prepared", "ram",
+                              int(overheads.driver_bytes_per_token * work.data_tokens), "load", "node"))
         terms.append(Term("newest checkpoint in the mailbox and the driver", "ram",
                           2 * checkpoint_bytes(lora_params, work.optimizer), "train", "node"))
     return terms
@@ -376,7 +396,7 @@ def activation_terms(shape: ModelShape, work: Workload) -> list[tuple[str, int]]
     two do not coexist, so the larger is the peak. Without checkpointing every layer keeps
     all it saved for backward while the loss is computed.
     """
-    tokens = work.seq_len * work.micro_batch
+    tokens = work.seq_len * work.micro_batch * work.sequences  # a preference pair is two sequences
     d = work.compute_bytes
     h = shape.hidden_size
     per_layer = layer_activation_bytes(shape, work) * tokens
