@@ -257,6 +257,11 @@ def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placemen
                   f"{chosen.problem}")
     if precision == "fp16":
         notes.append("a GPU without bf16 (Turing or older) makes the whole job train in fp16")
+    stored = overheads.stored_bytes_per_token * data_tokens
+    if placement.mode == "local" and stored > work.object_store_bytes:  # a swarm's store is sized by `swarm up`
+        notes.append(f"the prepared data (about {stored / 2**20:,.0f} MiB) is larger than Ray's object store "
+                     f"({work.object_store_bytes / 2**20:,.0f} MiB, ray.object_store_mb): Ray spills it to disk and "
+                     "the workers read it back from there")
     return Plan(
         fits=reason is None, placement=placement, strategy=chosen.strategy,
         strategy_reason=strategy_reason(job, chosen, candidates, world),

@@ -96,6 +96,7 @@ def prepare_data(cfg: DataSection, tokenizer) -> PreparedData:
             builders = [BlockBuilder(bos, eos, cfg.format not in ("chat", "sharegpt")) for _ in range(2)]
         kept = _tokenize_into(sources, usable, held_out, builders, cfg, tokenizer, bad)
         sha256 = sha256_of(sources)
+        sources.clear()  # unmaps the Arrow files before the blocks are built
     if bad:
         log.warning("skipped %d bad record(s); the first: %s", len(bad), bad[0])
     if not kept:

@@ -9,6 +9,7 @@ object store, so workers on other PCs need neither the data files nor a shared d
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from swarm.train.plans import GroupPlanner
 from swarm.durable import replace_text, write_json
 from swarm.train.progress import ProgressRecorder
 from swarm.train.trackers import check_trackers
-from swarm.train.runtime import prepare_process_env
+from swarm.train.runtime import prepare_process_env, return_freed_memory
 
 # A hung collective (a PC gone mid-step) fails after this long, not after torch's 30 minutes.
 COLLECTIVE_TIMEOUT_S = 300
@@ -426,6 +427,8 @@ def fit(job: JobConfig, splits: dict[str, Any], recorder: ProgressRecorder, fing
     placement = planner.placement
     data = ray.put(dict(splits))
     splits.clear()
+    gc.collect()
+    return_freed_memory()
     mailbox = start_mailbox(resume_state)
     ray.get(mailbox.post_plan.remote(planner.first_key(), pack(planner.current.to_dict())))
     trainer = lean_trainer(

@@ -138,6 +138,13 @@ def test_dpo_raises_the_chosen_over_rejected_margin_on_held_out_pairs(tiny_model
         before = [margin(r) for r in held_out]
     assert all(t > b + 5 for t, b in zip(trained, before)), (trained, before)
 
+    from swarm.export import export_run
+    from swarm.export.card import front_matter
+
+    card = (export_run(run_dir, out_dir=tmp_path / "export").adapter / "README.md").read_text()
+    assert "DPO on preference pairs (beta 0.1; reference: the base with the adapter off)" in card
+    assert "dpo" in front_matter(card)["tags"]
+
 
 def test_dora_and_rslora_train_and_export(tiny_models, tmp_path):
     from peft import PeftModel
