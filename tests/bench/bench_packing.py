@@ -24,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "integration"))  # trainkit: the adapter on the 4-bit base
 DEMO = REPO / "configs" / "data" / "demo.txt"
 
 
@@ -57,18 +58,13 @@ def train(work: Path, model: Path, data: Path, isolate: bool, steps: int, seed: 
 def alone_loss(run: Path, base: Path, rows: list[dict]) -> float:
     """Mean loss per answer token over ``rows``, each example fed to the model alone."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trainkit import trained_model
+    from transformers import AutoTokenizer
 
-    from swarm.train.model import keep_4bit_layout
     from swarm.train.tokenize import bos_of, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
-    four_bit = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=torch.float32)
-    keep_4bit_layout(four_bit)
-    model = PeftModel.from_pretrained(four_bit, run / "adapter").eval()
+    model = trained_model(base, run / "adapter")
     bos, eos = bos_of(tokenizer), tokenizer.eos_token_id
     total = count = 0.0
     with torch.no_grad():

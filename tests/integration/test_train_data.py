@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainkit import (DEMO_TEXT, cache_hub_dataset, falls_by_a_third, losses, run_dir_of, swarm, wandb_history,
-                      write_job)
+from trainkit import (DEMO_TEXT, cache_hub_dataset, falls_by_a_third, losses, run_dir_of, swarm, trained_model,
+                      wandb_history, write_job)
 
 pytestmark = pytest.mark.integration
 
@@ -100,10 +100,7 @@ def answer_logp(model, tokenizer, prompt: str, answer: str) -> float:
 
 
 def test_dpo_raises_the_chosen_over_rejected_margin_on_held_out_pairs(tiny_models, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    from swarm.train.model import keep_4bit_layout
+    from transformers import AutoTokenizer
 
     prompts = [" ".join(line.split()[:6]) for line in LINES]
     train, held_out = preference_rows(prompts[:-4]), preference_rows(prompts[-4:])
@@ -123,11 +120,7 @@ def test_dpo_raises_the_chosen_over_rejected_margin_on_held_out_pairs(tiny_model
 
     # Independently of the trainer: the adapter prefers the chosen answers of pairs it never saw.
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=torch.float32)
-    keep_4bit_layout(model)
-    model = PeftModel.from_pretrained(model, run_dir / "adapter").eval()
+    model = trained_model(base, run_dir / "adapter")
 
     def margin(row) -> float:
         return answer_logp(model, tokenizer, row["prompt"], row["chosen"]) - answer_logp(
@@ -147,11 +140,9 @@ def test_dpo_raises_the_chosen_over_rejected_margin_on_held_out_pairs(tiny_model
 
 
 def test_dora_and_rslora_train_and_export(tiny_models, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from swarm.export import export_run
-    from swarm.train.model import keep_4bit_layout
 
     base = tiny_models("llama")
     # A 4-bit base takes DoRA without ZeRO-3 only: the replicated base, no parameter offload.
@@ -164,11 +155,7 @@ def test_dora_and_rslora_train_and_export(tiny_models, tmp_path):
 
     merged = export_run(run_dir, out_dir=tmp_path / "export", merge=True, dtype="fp32").merged
     ids = torch.tensor([list(range(5, 45))])
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
-    four_bit = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=torch.float32)
-    keep_4bit_layout(four_bit)
-    trained = PeftModel.from_pretrained(four_bit, run_dir / "adapter").eval()
+    trained = trained_model(base, run_dir / "adapter")
     with torch.no_grad():
         expected = trained(input_ids=ids).logits
         got = AutoModelForCausalLM.from_pretrained(merged).eval()(input_ids=ids).logits

@@ -169,3 +169,19 @@ def perturb_lora(model, seed: int) -> None:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+
+
+def trained_model(base: Path, adapter: Path):
+    """The 4-bit base with a run's adapter, computing as training did (fp32, bitsandbytes' plain CPU path)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from swarm.train.model import keep_4bit_layout
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant, dtype=torch.float32)
+    # Without this, bitsandbytes' eval path on a CPU with AVX512-BF16 switches to its packed bf16 kernel.
+    keep_4bit_layout(model)
+    return PeftModel.from_pretrained(model, adapter).eval()
