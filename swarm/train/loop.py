@@ -90,9 +90,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker.
 
     Args:
-        cfg: ``job`` (the job as a dict), ``data`` (ref to the packed blocks as numpy
-            arrays), ``mailbox`` (the driver's ``Mailbox`` actor, which also holds the
-            checkpoint to start from, if any, and the plans of the worker groups),
+        cfg: ``job`` (the job as a dict), ``data`` (ref to ``{"train", "eval"}``: numpy
+            ``Blocks``, or ``Pairs`` for preference methods, see ``swarm.train.packing``),
+            ``mailbox`` (the driver's ``Mailbox`` actor, which also holds the checkpoint to start from, if any, and the plans of the worker groups),
             ``fingerprint`` (what this run trains), ``local`` (a run on a Ray started for
             it) and ``count_sent_bytes`` (report the bytes each worker's PC sent per
             step; a swarm run).
