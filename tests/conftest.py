@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "integration"))
+sys.path.insert(0, str(Path(__file__).parent))  # tests/lab: the network-namespace hosts
 
 DEMO_TEXT = Path(__file__).resolve().parents[1] / "configs" / "data" / "demo.txt"
 

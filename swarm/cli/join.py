@@ -9,8 +9,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "join",
         help="run a Ray worker here that joins the swarm of HEAD (foreground; Ctrl-C leaves)",
-        description="Check HEAD's agent (a head is running there, same versions), then run a Ray "
-        "worker on this PC with the token and the interface that reaches HEAD, until Ctrl-C.",
+        description="Check HEAD's agent (a head is running there, same versions), get this PC's "
+        "node certificate from it (for a key made here), then run a Ray worker on this PC with "
+        "Ray's token, TLS and the interface that reaches HEAD, until Ctrl-C.",
     )
     p.add_argument("head", help="the head PC's address (HOST, or HOST:PORT of its agent)")
     p.add_argument("--num-cpus", type=integer(minimum=1), default=None)

@@ -8,5 +8,7 @@
   environment a Ray client needs. ``raynode`` / ``procs``: one Ray node as a process tree.
 - ``bringup``: ``swarm up`` / ``swarm down``; ``join``: ``swarm join``; ``state``: the
   recorded swarm and its live status; ``commands``: what those verbs print.
-- ``netlab``: hosts in network namespaces, for the tests and the benchmark.
+
+Test hosts in network namespaces (``NetLab``) live in tests/lab/, beside the tests and
+benchmarks that use them.
 """

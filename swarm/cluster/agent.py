@@ -1,12 +1,14 @@
 """The node agent: this PC's inventory, and its one Ray node started and stopped on request.
 
-``swarm agent`` serves this over gRPC (``swarm.cluster.server``); ``swarm up`` and ``swarm
-down`` on the head call it. The agent holds the cluster secret and uses it as the Ray token
-itself, so no call ever carries the token.
+``swarm agent`` serves this over gRPC and TLS (``swarm.cluster.server``); ``swarm up`` and
+``swarm down`` on the head call it. The agent holds the cluster secret and derives Ray's token
+from it itself, so no call ever carries a token. Its node key never leaves the PC: the head
+issues a certificate for its public half, which the agent checks and gives to Ray.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -19,7 +21,7 @@ import grpc
 
 import swarm
 from swarm import hardware
-from swarm.cluster import builders
+from swarm.cluster import builders, keys, tls
 from swarm.cluster.builders import RayNodeSettings
 from swarm.cluster.client import AgentClient
 from swarm.cluster.constants import AGENT_PORT
@@ -28,7 +30,7 @@ from swarm.cluster.proto import agent_pb2 as pb
 from swarm.cluster.raynode import RayNode, RayStartError
 from swarm.cluster.server import AgentError, build_server
 from swarm.errors import UserError
-from swarm.home import logs_dir, offload_dir, ray_temp_dir, resolve_secret, swarm_home
+from swarm.home import home_dir, logs_dir, offload_dir, ray_temp_dir, resolve_secret, swarm_home
 
 WRITE_SPEED_MAX_AGE_S = 600.0  # a drive's speed does not change; re-measure rarely
 
@@ -44,10 +46,19 @@ class AgentService:
     def __init__(self, secret: str | None, offload: Path):
         self.secret = secret
         self.offload = offload
+        self.key = tls.node_key()  # made on first start; only its public half is ever sent
         self.node: RayNode | None = None
         self._stopped_on_purpose = False
         self._lock = threading.Lock()  # one start/stop at a time
         self._speed: tuple[float, float] | None = None  # (measured at, bytes/s)
+        self._speed_lock = threading.Lock()  # one measurement at a time
+
+    def write_speed(self, measure: bool) -> float | None:
+        """The offload folder's write speed: measured now if ``measure`` and none is fresh."""
+        with self._speed_lock:
+            if measure and (self._speed is None or time.monotonic() - self._speed[0] > WRITE_SPEED_MAX_AGE_S):
+                self._speed = (time.monotonic(), hardware.measure_write_speed(self.offload))
+            return self._speed[1] if self._speed else None
 
     def health(self, request: pb.HealthRequest) -> pb.HealthReply:
         status = self._node_status()
@@ -61,15 +72,11 @@ class AgentService:
         )
 
     def inventory(self, request: pb.InventoryRequest) -> pb.InventoryReply:
-        speed = None
-        if request.measure_disk:
-            if self._speed is None or time.monotonic() - self._speed[0] > WRITE_SPEED_MAX_AGE_S:
-                self._speed = (time.monotonic(), hardware.measure_write_speed(self.offload))
-            speed = self._speed[1]
-        elif self._speed:
-            speed = self._speed[1]
+        speed = self.write_speed(request.measure_disk)
         inv = hardware.inventory(peer=request.peer or None, offload=self.offload, write_speed=speed)
-        return inventory_to_proto(inv, offload_dir=str(self.offload))
+        reply = inventory_to_proto(inv, offload_dir=str(self.offload))
+        reply.node_public_key = tls.public_key_pem(self.key)
+        return reply
 
     def start_ray(self, request: pb.StartRayRequest) -> pb.StartRayReply:
         if request.role not in (builders.HEAD, builders.WORKER):
@@ -86,7 +93,7 @@ class AgentService:
                     "run `swarm down` on that head first"
                 )
             settings = self._settings(request)
-            node = RayNode(settings, builders.ray_node_env(self.secret, settings.interface), logs_dir() / "ray-node.log")
+            node = RayNode(settings, self._ray_env(request, settings), logs_dir() / "ray-node.log")
             self._stopped_on_purpose = False
             self.node = node
             try:
@@ -95,6 +102,29 @@ class AgentService:
                 self.node = None  # the caller hears why; the agent itself stays healthy
                 raise AgentError(f"Ray {request.role} failed to start on {socket.gethostname()}: {exc}") from None
             return pb.StartRayReply(node_ip=settings.node_ip, interface=settings.interface or "", log_path=str(node.log_path))
+
+    def _ray_env(self, request: pb.StartRayRequest, settings: RayNodeSettings) -> dict[str, str]:
+        """The node's variables: the derived token and the certificate the head sent."""
+        if self.secret is None:
+            return builders.ray_node_env(None, settings.interface, None, settings.metrics)
+        if not request.node_certificate:
+            raise AgentError("the head sent no node certificate (it runs an older swarm); install the same swarm on every PC")
+        try:
+            files = tls.install_node_certificate(request.node_certificate, request.ca_certificate, settings.node_ip)
+        except UserError as exc:
+            raise AgentError(f"{socket.gethostname()}: {exc}", grpc.StatusCode.PERMISSION_DENIED) from None
+        return builders.ray_node_env(keys.ray_token(self.secret), settings.interface, files, settings.metrics)
+
+    def issue_certificate(self, request: pb.IssueCertificateRequest) -> pb.IssueCertificateReply:
+        """A node certificate from this PC's CA (the head's) for a PC that joins without agent."""
+        if self.secret is None:
+            raise AgentError("this agent runs with --insecure: its swarm has no TLS to join")
+        try:
+            ipaddress.IPv4Address(request.address)
+        except ValueError:
+            raise AgentError(f"{request.address!r} is not an IPv4 address", grpc.StatusCode.INVALID_ARGUMENT) from None
+        cert = tls.issue_node_certificate(request.public_key, [request.address])
+        return pb.IssueCertificateReply(certificate=cert, ca_certificate=tls.ca_certificate_pem())
 
     def stop_ray(self, request: pb.StopRayRequest | None = None) -> pb.StopRayReply:
         with self._lock:
@@ -127,6 +157,7 @@ class AgentService:
             interface=reach[0] if reach else None,
             worker_slots=builders.worker_slots(
                 request.num_gpus if request.HasField("num_gpus") else None, len(hardware.gpus())),
+            metrics=request.metrics,
         )
 
     def _node_status(self) -> pb.RayNodeStatus:
@@ -159,12 +190,16 @@ def run_agent(listen: str, secret: str | None, offload: Path, ready=None) -> Non
         ready: optional callable run once the server listens (prints the banner).
     """
     service = AgentService(secret, offload)
-    server, _ = build_server(service, secret, listen)
+    # Measured now, while nothing waits for it: `swarm up` then finds the figure ready instead
+    # of writing to every PC's drive while Ray starts.
+    threading.Thread(target=service.write_speed, args=(True,), daemon=True).start()
+    identity = (tls.private_key_pem(service.key), tls.agent_certificate(service.key))
+    server, _ = build_server(service, secret, listen, identity)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     path = agent_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    home_dir()
     path.write_text(json.dumps({"listen": listen, "pid": os.getpid(), "auth": "token" if secret else "disabled"}))
     try:
         if ready:
@@ -182,7 +217,8 @@ def serve(listen: str, offload: str | None, insecure: bool) -> int:
     """``swarm agent``: read the secret, serve until stopped; the exit status."""
     secret = resolve_secret(insecure)
     folder = Path(offload).expanduser() if offload else offload_dir()
-    mode = "WITHOUT authentication (--insecure)" if secret is None else "calls signed with the cluster secret"
+    mode = ("WITHOUT authentication, Ray WITHOUT TLS (--insecure)" if secret is None
+            else "TLS, calls signed with a key derived from the cluster secret")
     run_agent(listen, secret, folder, ready=lambda: print(f"swarm agent on {listen}, {mode}; offload folder {folder}", flush=True))
     return 0
 

@@ -4,14 +4,18 @@ A call goes like this:
 
 1. the client asks ``Challenge`` for a fresh nonce (the one unauthenticated method);
 2. it sends the real call with metadata: that server nonce, a client nonce of its own, and
-   ``HMAC(key, method, server nonce, client nonce, request bytes)``;
+   ``HMAC(key, method, server nonce, client nonce, request bytes, TLS certificate)``;
 3. the agent accepts the server nonce once only, within ``NONCE_TTL_S``, checks the MAC, runs
    the method and signs its reply bytes the same way (with a different label);
 4. the client checks the reply MAC, so an impostor agent is caught too.
 
-The key is derived from the cluster secret with HMAC-SHA256 and a label, so the bytes used
-here differ from the Ray token even though both come from the same secret. Replays fail
-(single-use server nonce), so do tampered requests or replies (MAC over the exact bytes).
+The calls travel over TLS, and the MACs cover the fingerprint of the TLS certificate: the
+client's MAC names the certificate it saw, the agent checks it against its own. A machine in
+the middle with a certificate of its own can therefore neither pass calls on nor answer them.
+
+The key is the agent key derived from the cluster secret (``swarm.cluster.keys``), which no
+other part of swarm or Ray uses. Replays fail (single-use server nonce), so do tampered
+requests or replies (MAC over the exact bytes).
 """
 
 from __future__ import annotations
@@ -31,31 +35,28 @@ MD_SERVER_NONCE = "swarm-nonce-bin"  # "-bin" metadata keys carry raw bytes in g
 MD_CLIENT_NONCE = "swarm-cnonce-bin"
 MD_MAC = "swarm-mac-bin"
 
-_KEY_LABEL = b"swarm agent key v1"
 
 
-def agent_key(secret: str) -> bytes:
-    """The 32-byte signing key of the agents, derived from the cluster secret."""
-    return hmac.new(secret.encode(), _KEY_LABEL, hashlib.sha256).digest()
-
-
-def _mac(key: bytes, label: bytes, method: str, server_nonce: bytes, client_nonce: bytes, body: bytes) -> bytes:
+def _mac(key: bytes, label: bytes, method: str, server_nonce: bytes, client_nonce: bytes, body: bytes, channel: bytes) -> bytes:
     h = hmac.new(key, digestmod=hashlib.sha256)
     # Length-prefix every part so that no two different calls hash the same byte string.
-    for part in (label, method.encode(), server_nonce, client_nonce, body):
+    for part in (label, method.encode(), server_nonce, client_nonce, body, channel):
         h.update(len(part).to_bytes(8, "big"))
         h.update(part)
     return h.digest()
 
 
-def request_mac(key: bytes, method: str, server_nonce: bytes, client_nonce: bytes, body: bytes) -> bytes:
-    """MAC the client attaches to a call of ``method`` with request bytes ``body``."""
-    return _mac(key, b"request", method, server_nonce, client_nonce, body)
+def request_mac(key: bytes, method: str, server_nonce: bytes, client_nonce: bytes, body: bytes, channel: bytes) -> bytes:
+    """MAC the client attaches to a call of ``method`` with request bytes ``body``.
+
+    ``channel`` is the fingerprint of the agent's TLS certificate as the client saw it.
+    """
+    return _mac(key, b"request", method, server_nonce, client_nonce, body, channel)
 
 
-def reply_mac(key: bytes, method: str, server_nonce: bytes, client_nonce: bytes, body: bytes) -> bytes:
-    """MAC the agent attaches to its reply bytes ``body``."""
-    return _mac(key, b"reply", method, server_nonce, client_nonce, body)
+def reply_mac(key: bytes, method: str, server_nonce: bytes, client_nonce: bytes, body: bytes, channel: bytes) -> bytes:
+    """MAC the agent attaches to its reply bytes ``body`` (``channel``: its own certificate's)."""
+    return _mac(key, b"reply", method, server_nonce, client_nonce, body, channel)
 
 
 def new_nonce() -> bytes:

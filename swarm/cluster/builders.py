@@ -23,8 +23,17 @@ WORKER = "worker"
 CHECKED_VERSIONS = ("python", "ray", "torch", "deepspeed", "swarm")
 
 # Variables a child Ray process must not inherit from whoever started the agent: a stale
-# token, a token file or a cluster address would override what swarm sets.
-_SCRUBBED_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
+# token, a token file, TLS files or a cluster address would override what swarm sets.
+_SCRUBBED_ENV = (
+    "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS",
+    "RAY_USE_TLS", "RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT",
+    "RAY_enable_metrics_collection", "AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT",
+)
+# Ray binds its autoscaler's and its dashboard's Prometheus servers to every address, without
+# authentication, and offers no switch to turn them off. A port number outside 0-65535 makes
+# their start fail (Ray logs the exception once and carries on without them): that is the
+# switch. 65536 says so plainly in Ray's logs ("port must be 0-65535").
+_NO_PORT = "65536"
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class RayNodeSettings:
     dashboard_host: str = "127.0.0.1"  # head only
     interface: str | None = None  # NCCL / Gloo socket interface (reaches the head)
     worker_slots: int = 1  # training workers it may host (see worker_slots())
+    metrics: bool = False  # open Ray's unauthenticated Prometheus endpoints (cluster file: ray.metrics)
 
     def __post_init__(self):
         if self.role not in (HEAD, WORKER):
@@ -93,6 +103,10 @@ def ray_start_argv(s: RayNodeSettings, python: str = sys.executable) -> list[str
         "--min-worker-port", str(C.RAY_MIN_WORKER_PORT),
         "--max-worker-port", str(C.RAY_MAX_WORKER_PORT),
         "--disable-usage-stats",
+        # The log monitor streams workers' output to drivers; swarm's drivers do not print it
+        # (log_to_driver=False) and every log stays in the node's session folder, so one Python
+        # process fewer per node starts (a shorter `swarm up`).
+        "--include-log-monitor", "false",
     ]
     if s.role == HEAD:
         argv += [
@@ -128,18 +142,24 @@ def worker_slots(num_gpus: int | None, detected_gpus: int) -> int:
     return max(1, gpus)
 
 
-def ray_node_env(token: str | None, interface: str | None) -> dict[str, str]:
+def ray_node_env(token: str | None, interface: str | None, tls_files=None, metrics: bool = False) -> dict[str, str]:
     """Variables to set for a Ray node (and so for every worker process it spawns).
 
     Args:
-        token: the cluster secret, Ray's auth token; ``None`` runs Ray without authentication
-            (``--insecure``), said explicitly so that a token file in ``~/.ray`` cannot turn
-            authentication on for one node only.
+        token: Ray's auth token (derived from the cluster secret); ``None`` runs Ray without
+            authentication (``--insecure``), said explicitly so that a token file in ``~/.ray``
+            cannot turn authentication on for one node only.
         interface: the interface that reaches the head; NCCL and Gloo use it instead of
             guessing (NCCL's default filter skips Wi-Fi ``wl*`` and picks docker bridges).
+        tls_files: the node's ``swarm.cluster.tls.TlsFiles``: Ray's gRPC then runs over mutual
+            TLS; ``None`` (only with ``--insecure``) leaves it in plain text.
+        metrics: open Ray's Prometheus endpoints (unauthenticated, on every address) on the
+            pinned metrics ports; off, they stay closed.
     """
     env = {"RAY_USAGE_STATS_ENABLED": "0"}
     env.update(ray_auth_env(token))
+    env.update(ray_tls_env(tls_files))
+    env.update(ray_metrics_env(metrics))
     if interface:
         env["NCCL_SOCKET_IFNAME"] = interface
         env["GLOO_SOCKET_IFNAME"] = interface
@@ -151,6 +171,27 @@ def ray_auth_env(token: str | None) -> dict[str, str]:
     if token is None:
         return {"RAY_AUTH_MODE": "disabled"}
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+
+
+def ray_tls_env(files) -> dict[str, str]:
+    """Ray's TLS variables for a node or a client (``files``: a ``TlsFiles``, or ``None``).
+
+    Every Ray gRPC server and channel of the process then uses TLS with this certificate on
+    both ends and accepts only peers whose certificate the same CA signed.
+    """
+    if files is None:
+        return {"RAY_USE_TLS": "0"}
+    return {"RAY_USE_TLS": "1", "RAY_TLS_SERVER_CERT": str(files.cert), "RAY_TLS_SERVER_KEY": str(files.key),
+            "RAY_TLS_CA_CERT": str(files.ca)}
+
+
+def ray_metrics_env(metrics: bool) -> dict[str, str]:
+    """Ray's metrics variables: its Prometheus endpoints on the pinned ports, or closed."""
+    if metrics:
+        return {"RAY_enable_metrics_collection": "1", "AUTOSCALER_METRIC_PORT": str(C.RAY_AUTOSCALER_METRICS_PORT),
+                "DASHBOARD_METRIC_PORT": str(C.RAY_DASHBOARD_METRICS_PORT)}
+    # Off, the dashboard agent (6384) does not start its exporter at all.
+    return {"RAY_enable_metrics_collection": "0", "AUTOSCALER_METRIC_PORT": _NO_PORT, "DASHBOARD_METRIC_PORT": _NO_PORT}
 
 
 def child_env(base: Mapping[str, str], overlay: Mapping[str, str]) -> dict[str, str]:

@@ -1,25 +1,40 @@
-"""Calling agents (signed, with the reply's signature checked), and Ray's client environment."""
+"""Calling agents (over TLS, signed, with the reply's signature checked), and Ray's client
+environment."""
 
 from __future__ import annotations
 
+import socket
+import ssl
+import threading
+
 import grpc
 
-from swarm.cluster import auth
-from swarm.cluster.builders import ray_auth_env
+from swarm.cluster import auth, keys, tls
+from swarm.cluster.builders import ray_auth_env, ray_tls_env
 from swarm.cluster.constants import AGENT_PORT
 from swarm.cluster.messages import method_path
 from swarm.cluster.proto import agent_pb2 as pb
 from swarm.errors import UserError
 
 
-def ray_client_env(secret: str | None) -> dict[str, str]:
+def ray_client_env(secret: str | None, files: tls.TlsFiles | None = None) -> dict[str, str]:
     """Variables a Ray client (``ray.init``, ``ray status``, job submission) needs for this swarm.
 
-    Set them before ``import ray`` (Ray reads them when its core starts):
-    ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN=<secret>``, or ``RAY_AUTH_MODE=disabled`` for
-    a swarm started with ``--insecure`` (``secret=None``).
+    Set them before ``import ray`` (Ray reads them when its core starts): Ray's token
+    (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN``, derived from the secret) and its TLS files
+    (``RAY_USE_TLS=1`` and this PC's node certificate, key and CA certificate), or
+    ``RAY_AUTH_MODE=disabled`` alone for a swarm started with ``--insecure`` (``secret=None``).
+
+    Args:
+        secret: the cluster secret, or ``None``.
+        files: the node files to use (default: this PC's, ``$SWARM_HOME/tls``).
+
+    Raises:
+        UserError: this PC has no node certificate (it is not a node of the swarm).
     """
-    return ray_auth_env(secret)
+    if secret is None:
+        return ray_auth_env(None)
+    return {**ray_auth_env(keys.ray_token(secret)), **ray_tls_env(files or tls.installed_node_files())}
 
 
 def agent_address(text: str) -> str:
@@ -41,7 +56,11 @@ class AgentCallError(UserError):
 
 
 class AgentClient:
-    """A connection to one agent.
+    """A TLS connection to one agent, opened on the first call.
+
+    The agent shows a certificate of its own making; the client takes whichever it is shown
+    and binds every signed call to it (``swarm.cluster.auth``), so the secret, not a CA,
+    decides whom the client talks to.
 
     Args:
         address: ``HOST`` or ``HOST:PORT`` of the agent.
@@ -52,8 +71,10 @@ class AgentClient:
     def __init__(self, address: str, secret: str | None, timeout_s: float = 20.0):
         self.address = agent_address(address)
         self.timeout_s = timeout_s
-        self._key = auth.agent_key(secret) if secret else None
-        self._channel = grpc.insecure_channel(self.address)
+        self._key = keys.agent_key(secret) if secret else None
+        self._channel: grpc.Channel | None = None
+        self._fingerprint = b""
+        self._lock = threading.Lock()  # calls may come from several threads
 
     def __enter__(self) -> "AgentClient":
         return self
@@ -62,7 +83,36 @@ class AgentClient:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def _connect(self) -> grpc.Channel:
+        with self._lock:
+            return self._channel or self._open()
+
+    def _open(self) -> grpc.Channel:
+        """Fetch the agent's certificate, then open a channel that trusts exactly that one."""
+        host, _, port = self.address.rpartition(":")
+        try:
+            pem = ssl.get_server_certificate((host.strip("[]"), int(port)), timeout=self.timeout_s).encode()
+        except ssl.SSLError as exc:
+            raise AgentCallError(f"{self.address} does not speak TLS as a swarm agent does ({exc.reason}); "
+                                 "is it an agent of an older swarm?", grpc.StatusCode.UNAVAILABLE) from None
+        except (socket.timeout, TimeoutError):
+            raise AgentCallError(f"the agent at {self.address} did not answer in time", grpc.StatusCode.DEADLINE_EXCEEDED) from None
+        except OSError:
+            raise self._unavailable() from None
+        self._fingerprint = tls.fingerprint(pem)
+        self._channel = grpc.secure_channel(
+            self.address, grpc.ssl_channel_credentials(root_certificates=pem),
+            options=[("grpc.ssl_target_name_override", tls.AGENT_TLS_NAME)],
+        )
+        return self._channel
+
+    def issue_certificate(self, public_key: bytes, address: str) -> pb.IssueCertificateReply:
+        return self.call("IssueCertificate", pb.IssueCertificateRequest(public_key=public_key, address=address),
+                         pb.IssueCertificateReply)
 
     def health(self) -> pb.HealthReply:
         return self.call("Health", pb.HealthRequest(), pb.HealthReply)
@@ -85,23 +135,24 @@ class AgentClient:
         """
         timeout = timeout_s or self.timeout_s
         body = request.SerializeToString()
+        channel = self._connect()
         try:
             if self._key is None:
-                return reply_cls.FromString(self._channel.unary_unary(method_path(method))(body, timeout=timeout))
+                return reply_cls.FromString(channel.unary_unary(method_path(method))(body, timeout=timeout))
             snonce = pb.ChallengeReply.FromString(
-                self._channel.unary_unary(method_path("Challenge"))(pb.ChallengeRequest().SerializeToString(), timeout=self.timeout_s)
+                channel.unary_unary(method_path("Challenge"))(pb.ChallengeRequest().SerializeToString(), timeout=self.timeout_s)
             ).nonce
             cnonce = auth.new_nonce()
             metadata = (
                 (auth.MD_SERVER_NONCE, snonce),
                 (auth.MD_CLIENT_NONCE, cnonce),
-                (auth.MD_MAC, auth.request_mac(self._key, method, snonce, cnonce, body)),
+                (auth.MD_MAC, auth.request_mac(self._key, method, snonce, cnonce, body, self._fingerprint)),
             )
-            out, call = self._channel.unary_unary(method_path(method)).with_call(body, metadata=metadata, timeout=timeout)
+            out, call = channel.unary_unary(method_path(method)).with_call(body, metadata=metadata, timeout=timeout)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         mac = dict(call.trailing_metadata() or ()).get(auth.MD_MAC)
-        if not auth.verify(auth.reply_mac(self._key, method, snonce, cnonce, out), mac):
+        if not auth.verify(auth.reply_mac(self._key, method, snonce, cnonce, out, self._fingerprint), mac):
             raise AgentCallError(
                 f"the agent at {self.address} did not sign its reply with this cluster's secret "
                 "(it runs with --insecure or another secret); give every PC the same secret file",
@@ -109,12 +160,16 @@ class AgentClient:
             )
         return reply_cls.FromString(out)
 
+    def _unavailable(self) -> AgentCallError:
+        return AgentCallError(
+            f"no swarm agent answers at {self.address}; start `swarm agent` on that PC "
+            f"(and let TCP port {self.address.rpartition(':')[2]} through its firewall)", grpc.StatusCode.UNAVAILABLE)
+
     def _error(self, exc: grpc.RpcError) -> AgentCallError:
         code = exc.code()
         if code == grpc.StatusCode.UNAVAILABLE:
-            msg = (f"no swarm agent answers at {self.address}; start `swarm agent` on that PC "
-                   f"(and let TCP port {self.address.rpartition(':')[2]} through its firewall)")
-        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return self._unavailable()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             msg = f"the agent at {self.address} did not answer in time"
         elif code == grpc.StatusCode.UNAUTHENTICATED:
             msg = f"the agent at {self.address} refused the call: {exc.details()}"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 
 from swarm.cluster import bringup
 from swarm.cluster.spec import ClusterSpec, NodeSpec, load_cluster_spec
 from swarm.cluster.state import cluster_status
 from swarm.errors import UserError
-from swarm.home import resolve_secret, secret_path
+from swarm.home import resolve_secret
 
 
 def _gib(n: int | None) -> str:
@@ -40,7 +41,7 @@ def format_status(status: dict) -> str:
     if status.get("error"):
         lines.append(f"note: {status['error']}")
     if status.get("dashboard"):
-        lines.append(f"dashboard: {status['dashboard']}  (sign in with the token in {secret_path()})")
+        lines.append(f"dashboard: {status['dashboard']}  (sign in with the token `swarm token` prints)")
     return "\n".join(lines)
 
 
@@ -55,15 +56,24 @@ def up_command(cluster: str | None, insecure: bool, timeout_s: float) -> int:
     secret = resolve_secret(insecure)
     spec = load_cluster_spec(cluster) if cluster else _one_pc_spec()
     start = time.monotonic()
-    refusals = bringup.up(spec, secret, timeout_s=timeout_s)
+    refusals = bringup.up(spec, secret, timeout_s=timeout_s, say=say_whole_lines)
     elapsed = time.monotonic() - start
     print(format_status(cluster_status(secret)))
     print(f"up in {elapsed:.1f}s")
-    for line in refusals:
-        print(f"error: {line}", file=sys.stderr)
     if refusals:
-        raise UserError(f"{len(refusals)} node(s) refused (see above); fix them and run `swarm up` again, the others are up")
+        # One line for all of them: the error, then what to do.
+        raise UserError(f"{len(refusals)} node(s) refused: {'; '.join(refusals)}; fix them and run `swarm up` "
+                        "again, the others are up")
     return 0
+
+
+_PRINTING = threading.Lock()
+
+
+def say_whole_lines(line: str) -> None:
+    """Print a progress line from any of bring-up's threads without lines running together."""
+    with _PRINTING:
+        print(line, flush=True)
 
 
 def status_command(as_json: bool, insecure: bool) -> int:

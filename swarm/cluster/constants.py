@@ -1,8 +1,9 @@
 """Every port swarm and its Ray nodes listen on, in one place.
 
 Ray picks most of its ports at random unless told otherwise; swarm pins all of them so that a
-user can write one firewall rule per PC. docs/cluster.md lists the same numbers; a unit test
-checks that the two agree.
+user can write one firewall rule per PC, and keeps Ray's unauthenticated metrics endpoints
+closed unless asked. docs/cluster.md lists the same numbers; a unit test checks that the two
+agree, and an integration test scans what the hosts really listen on.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ RAY_NODE_MANAGER_PORT = 6380  # every node: raylet
 RAY_OBJECT_MANAGER_PORT = 6381  # every node: object transfer between nodes
 RAY_RUNTIME_ENV_AGENT_PORT = 6382  # every node
 RAY_DASHBOARD_AGENT_GRPC_PORT = 6383  # every node: per-node dashboard agent (gRPC)
-RAY_METRICS_EXPORT_PORT = 6384  # every node: Prometheus metrics
+RAY_METRICS_EXPORT_PORT = 6384  # every node: Prometheus metrics (only with `ray.metrics: true`)
+RAY_AUTOSCALER_METRICS_PORT = 6385  # head: autoscaler's Prometheus metrics (only with `ray.metrics: true`)
+RAY_DASHBOARD_METRICS_PORT = 6386  # head: dashboard's Prometheus metrics (only with `ray.metrics: true`)
 RAY_DASHBOARD_AGENT_HTTP_PORT = 52365  # every node: per-node dashboard agent (HTTP)
 RAY_MIN_WORKER_PORT = 10002  # every node: one port per Ray worker process, in this range
 RAY_MAX_WORKER_PORT = 10999
@@ -35,7 +38,8 @@ WORKER_PORTS = (
     RAY_OBJECT_MANAGER_PORT,
     RAY_RUNTIME_ENV_AGENT_PORT,
     RAY_DASHBOARD_AGENT_GRPC_PORT,
-    RAY_METRICS_EXPORT_PORT,
     RAY_DASHBOARD_AGENT_HTTP_PORT,
 )
 HEAD_PORTS = (RAY_GCS_PORT, RAY_DASHBOARD_PORT, RAY_CLIENT_PORT) + WORKER_PORTS
+# Unauthenticated Prometheus endpoints, open only when the cluster file asks for metrics.
+METRICS_PORTS = (RAY_METRICS_EXPORT_PORT, RAY_AUTOSCALER_METRICS_PORT, RAY_DASHBOARD_METRICS_PORT)

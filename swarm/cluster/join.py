@@ -1,7 +1,8 @@
 """``swarm join``: a PC without agent runs a Ray worker in the foreground, joined to a swarm.
 
-The head's agent is asked first (is a head running, with which versions?); the node then runs
-as a child process tree of this command and stops with it.
+The head's agent is asked first (is a head running, with which versions?) and issues this
+PC's node certificate (for a key made here, which stays here); the node then runs as a child
+process tree of this command and stops with it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 import threading
 
 from swarm import hardware
-from swarm.cluster import builders
+from swarm.cluster import builders, keys, tls
 from swarm.cluster.bringup import auth_mode
 from swarm.cluster.builders import RayNodeSettings
 from swarm.cluster.client import AgentClient, agent_address
@@ -37,6 +38,9 @@ def join(head: str, secret: str | None, num_cpus: int | None = None, num_gpus: i
     """
     head_agent = agent_address(head)
     head_ip = head_agent.rpartition(":")[0]
+    reach = hardware.interface_to(head_ip)
+    if reach is None:
+        raise UserError(f"no network interface of this PC reaches the head at {head_ip}")
     with AgentClient(head_agent, secret) as client:
         health = client.health()
         if not (health.ray.running and health.ray.role == builders.HEAD):
@@ -44,19 +48,21 @@ def join(head: str, secret: str | None, num_cpus: int | None = None, num_gpus: i
         if health.auth_mode != auth_mode(secret):
             raise UserError(f"the head runs with auth {health.auth_mode}, this command with {auth_mode(secret)}; use --insecure on both or neither")
         head_versions = dict(client.inventory().versions)
-    mismatches = builders.version_mismatches(head_versions, hardware.versions())
-    if mismatches:
-        raise UserError("this PC's " + "; ".join(mismatches) + "; install the same versions as the head")
-    reach = hardware.interface_to(head_ip)
-    if reach is None:
-        raise UserError(f"no network interface of this PC reaches the head at {head_ip}")
+        mismatches = builders.version_mismatches(head_versions, hardware.versions())
+        if mismatches:
+            raise UserError("this PC's " + "; ".join(mismatches) + "; install the same versions as the head")
+        files = None
+        if secret is not None:
+            issued = client.issue_certificate(tls.public_key_pem(tls.node_key()), reach[1])
+            files = tls.install_node_certificate(issued.certificate, issued.ca_certificate, reach[1])
     settings = RayNodeSettings(
         role=builders.WORKER, node_ip=reach[1], head_address=head_ip, temp_dir=str(ray_temp_dir()),
         object_store_bytes=object_store_bytes or builders.default_object_store_bytes(hardware.ram_bytes()),
         num_cpus=num_cpus, num_gpus=num_gpus, interface=reach[0],
         worker_slots=builders.worker_slots(num_gpus, len(hardware.gpus())),
     )
-    node = RayNode(settings, builders.ray_node_env(secret, reach[0]), logs_dir() / "ray-join.log")
+    token = keys.ray_token(secret) if secret is not None else None
+    node = RayNode(settings, builders.ray_node_env(token, reach[0], files), logs_dir() / "ray-join.log")
     stopping = threading.Event()
 
     def on_signal(*_):

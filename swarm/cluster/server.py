@@ -1,4 +1,5 @@
-"""The agent's gRPC server: every method but Challenge checks the caller's HMAC and signs its reply.
+"""The agent's gRPC server: TLS always; every method but Challenge checks the caller's HMAC
+(bound to the server's TLS certificate) and signs its reply.
 
 Handlers receive and return raw bytes (no (de)serializer on the gRPC side) so that the MACs
 cover exactly the bytes on the wire; messages are parsed only after the check passes.
@@ -11,7 +12,7 @@ from concurrent import futures
 
 import grpc
 
-from swarm.cluster import auth
+from swarm.cluster import auth, keys, tls
 from swarm.cluster.messages import SERVICE
 from swarm.cluster.proto import agent_pb2 as pb
 from swarm.errors import UserError
@@ -36,8 +37,9 @@ def _message_class(descriptor):
 class _Authenticator:
     """Checks request MACs against single-use nonces and signs replies."""
 
-    def __init__(self, secret: str | None):
-        self.key = auth.agent_key(secret) if secret else None
+    def __init__(self, secret: str | None, channel: bytes):
+        self.key = keys.agent_key(secret) if secret else None
+        self.channel = channel  # fingerprint of the certificate this server shows
         self.nonces = auth.NonceBook()
 
     def check(self, method: str, body: bytes, context: grpc.ServicerContext) -> tuple[bytes, bytes]:
@@ -53,17 +55,17 @@ class _Authenticator:
             )
         if not self.nonces.consume(snonce):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "the call's nonce is unknown, used or expired (a replay?)")
-        if not auth.verify(auth.request_mac(self.key, method, snonce, cnonce, body), mac):
+        if not auth.verify(auth.request_mac(self.key, method, snonce, cnonce, body, self.channel), mac):
             context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
-                "the call is signed with a different cluster secret than this agent's; use the same "
-                "secret file on every PC",
+                "the call is signed with a different cluster secret than this agent's (or for another "
+                "TLS certificate: something between you and the agent?); use the same secret file on every PC",
             )
         return snonce, cnonce
 
     def sign(self, method: str, snonce: bytes, cnonce: bytes, body: bytes, context: grpc.ServicerContext) -> None:
         if self.key is not None:
-            context.set_trailing_metadata(((auth.MD_MAC, auth.reply_mac(self.key, method, snonce, cnonce, body)),))
+            context.set_trailing_metadata(((auth.MD_MAC, auth.reply_mac(self.key, method, snonce, cnonce, body, self.channel)),))
 
 
 def _handlers(service, authn: _Authenticator) -> dict[str, grpc.RpcMethodHandler]:
@@ -100,22 +102,27 @@ def _handlers(service, authn: _Authenticator) -> dict[str, grpc.RpcMethodHandler
     return handlers
 
 
-def build_server(service, secret: str | None, listen: str, max_workers: int = 4) -> tuple[grpc.Server, int]:
-    """A started gRPC server for ``service`` on ``listen`` (``HOST:PORT``), and its port.
+def build_server(service, secret: str | None, listen: str, tls_identity: tuple[bytes, bytes],
+                 max_workers: int = 4) -> tuple[grpc.Server, int]:
+    """A started gRPC server over TLS for ``service`` on ``listen`` (``HOST:PORT``), and its port.
 
     Args:
         service: object with one snake_case method per Agent RPC (``health``, ``inventory``,
-            ``start_ray``, ``stop_ray``), each taking the request message, returning the reply.
+            ``start_ray``, ``stop_ray``, ...), each taking the request message, returning the reply.
         secret: the cluster secret; ``None`` accepts unsigned calls (``--insecure``).
         listen: address to bind (port 0 picks a free one).
+        tls_identity: (private key, certificate) in PEM that the server shows; signed calls
+            are bound to this certificate.
 
     Raises:
         UserError: the address cannot be bound.
     """
+    key_pem, cert_pem = tls_identity
+    authn = _Authenticator(secret, tls.fingerprint(cert_pem))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, _handlers(service, _Authenticator(secret))),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, _handlers(service, authn)),))
     try:
-        port = server.add_insecure_port(listen)  # plain TCP: confidentiality is not needed, integrity is MACed
+        port = server.add_secure_port(listen, grpc.ssl_server_credentials([(key_pem, cert_pem)]))
     except RuntimeError:
         port = 0
     if not port:

@@ -57,10 +57,26 @@ class RaySpec(_Section):
     num_gpus: int | None = Field(None, ge=0)
     object_store_memory: ByteSize | None = Field(None, description="bytes or e.g. 2GiB; default 10% of RAM, at most 4GiB")
     resources: dict[str, float] = Field(default_factory=dict)
+    metrics: bool = Field(False, description="open Ray's Prometheus endpoints (ports 6384-6386, no authentication, every address)")
+
+
+LOOPBACK = ("127.0.0.1", "localhost")
 
 
 class DashboardSpec(_Section):
     host: str = Field("127.0.0.1", description="where the dashboard listens: 127.0.0.1 (reach it through ssh -L) or the head's address")
+    insecure_plain_http: bool = Field(
+        False, description="allow a host other than loopback: the dashboard speaks plain HTTP, so Ray's token "
+        "(which lets its holder run code on every PC) crosses the LAN in clear text")
+
+    @model_validator(mode="after")
+    def _loopback_unless_told(self) -> "DashboardSpec":
+        if self.host not in LOOPBACK and not self.insecure_plain_http:
+            raise ValueError(
+                f"dashboard.host {self.host} would send Ray's token over the LAN in plain HTTP (anyone "
+                "listening could then run code on every PC); keep 127.0.0.1 and open it with "
+                "`ssh -L 8265:127.0.0.1:8265 HEAD-PC`, or set dashboard.insecure_plain_http: true")
+        return self
 
 
 class ClusterSpec(_Section):

@@ -15,9 +15,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from swarm.cluster import keys
 from swarm.cluster.client import AgentCallError, AgentClient
 from swarm.errors import UserError
-from swarm.home import swarm_home
+from swarm.home import home_dir, swarm_home
 
 
 def state_path() -> Path:
@@ -27,7 +28,7 @@ def state_path() -> Path:
 def save_cluster_state(state: dict) -> None:
     """Write the state file atomically (a reader never sees half of it)."""
     path = state_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    home_dir()
     tmp = path.with_name(f".cluster.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({**state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
     os.replace(tmp, path)
@@ -58,22 +59,21 @@ def progress_dir() -> Path:
 
 def record_progress(job_id: str, step: int, loss: float | None) -> None:
     """Let ``swarm status`` show a training job's step and loss (the driver calls this)."""
-    folder = progress_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = home_dir("progress")
     tmp = folder / f".{job_id}.tmp"
     tmp.write_text(json.dumps({"step": step, "loss": loss, "time": time.time()}))
     os.replace(tmp, folder / f"{job_id}.json")
 
 
 def dashboard_get(dashboard: str, path: str, secret: str | None, timeout_s: float = 10.0):
-    """GET a dashboard API path with the token; the parsed JSON.
+    """GET a dashboard API path with Ray's token (derived from ``secret``); the parsed JSON.
 
     Raises:
         UserError: the dashboard is unreachable or refuses the token.
     """
     request = urllib.request.Request(dashboard.rstrip("/") + path)
     if secret:
-        request.add_header("Authorization", f"Bearer {secret}")
+        request.add_header("Authorization", f"Bearer {keys.ray_token(secret)}")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read())

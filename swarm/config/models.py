@@ -200,19 +200,25 @@ class TrainSection(Section):
         description="per_gpu: one worker per GPU; per_node: one worker per swarm node (CPU-only PCs); "
         "auto: per_gpu when the swarm has GPUs. A local Ray packs its workers on this machine.",
     )
-    strategy: Literal["auto", "replicate", "shard"] = Field(
+    strategy: Literal["auto", "replicate", "shard", "diloco"] = Field(
         "auto",
         description="replicate: the 4-bit base on every worker, only LoRA gradients cross the network; "
-        "shard: ZeRO-3 across workers; auto: replicate when the base fits on every node.",
+        "shard: ZeRO-3 across workers; diloco: each PC trains on its own (with its own offload) and the PCs "
+        "average their adapters every sync_every steps; auto: the fastest that fits.",
     )
+    sync_every: int | Literal["auto"] = Field(
+        "auto", description="diloco: steps between adapter exchanges; auto: proposed from the link and step time.",
+    )
+    outer_lr: float = Field(0.7, gt=0, le=2, description="diloco: the outer optimizer's learning rate.")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: the outer optimizer's Nesterov momentum.")
     max_restarts: int = Field(3, ge=0, description="Times a failed worker group restarts from the newest checkpoint.")
     regrow_check_s: float = Field(
         60.0, gt=0, description="Seconds between checks for a returned PC while training with fewer workers."
     )
 
-    @field_validator("workers")
+    @field_validator("workers", "sync_every")
     @classmethod
-    def _positive_workers(cls, value):
+    def _positive_or_auto(cls, value):
         if isinstance(value, int) and value < 1:
             raise ValueError("must be at least 1 or auto")
         return value

@@ -44,7 +44,6 @@ from swarm.errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BLOCKSIZE = 64  # bitsandbytes' Params4bit default, the one transformers quantizes with
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 _MAGNITUDE_KEY = re.compile(r"base_model\.model\.(.+)\.lora_magnitude_vector(?:\.weight)?")
 
@@ -55,11 +54,15 @@ def parse_size(text: str | int) -> int:
     Raises:
         UserError: not a positive size.
     """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    try:
+        size = int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        size = 0
+    if size <= 0:
         raise UserError(f"size {text!r} is not a size like 2GB, 500MB or 64MiB")
-    return int(float(match.group(1)) * _UNITS[unit])
+    return size
 
 
 def merge_adapter(

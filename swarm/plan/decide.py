@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from swarm.config.models import JobConfig
 from swarm.errors import UserError
 from swarm.inventory import GpuInfo, NodeInventory
+from swarm.plan import diloco
 from swarm.plan import memory as mem
 from swarm.plan.deepspeed import deepspeed_config, resolve_precision
 from swarm.plan.gpus import CPU_DEVICE, UNKNOWN_GPU, find_gpu
@@ -158,6 +159,9 @@ class Plan:
     workers: int
     seq_len: int
     notes: tuple[str, ...] = field(default_factory=tuple)
+    pcs: tuple["Plan", ...] = ()  # diloco: each PC's own plan, in the order of ``nodes``
+    sync: "diloco.SyncPlan | None" = None  # diloco: the exchange between the PCs
+    addresses: tuple[str | None, ...] = ()  # each node's address, in the order of ``nodes``
 
     @property
     def step_seconds(self) -> float:
@@ -185,12 +189,17 @@ class Plan:
             "nodes": [n.to_dict() for n in self.nodes],
             "candidates": [c.to_dict() for c in self.candidates],
             "notes": list(self.notes),
+            "pcs": [{"address": address, "name": pc.nodes[0].name, "workers": pc.workers,
+                     "strategy": {**pc.strategy.to_dict(), "reason": pc.strategy_reason},
+                     "micro_batch": pc.micro_batch, "grad_accum": pc.grad_accum, "deepspeed": pc.deepspeed}
+                    for address, pc in zip(self.addresses, self.pcs)],
+            "sync": self.sync.to_dict() if self.sync else None,
         }
 
 
 def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placement | None = None,
               workers_per_node: list[int] | None = None, link_gbps: float | None = None,
-              overheads: mem.Overheads = mem.OVERHEADS, data_tokens: int = 0) -> Plan:
+              overheads: mem.Overheads = mem.OVERHEADS, head: bool = True, data_tokens: int = 0) -> Plan:
     """Place the workers, size every allowed strategy on every node, choose the fastest that fits.
 
     Args:
@@ -202,6 +211,8 @@ def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placemen
             workers fill the nodes in order. Nodes given none are left out of the plan.
         link_gbps: network between nodes in Gb/s (default 1).
         overheads: fixed costs (calibration sets these).
+        head: the first node runs the Ray head and the driver (False for the other PCs of
+            a ``diloco`` run, each planned on its own).
         data_tokens: tokens of the prepared data, which the driver holds while preparing
             them (0: not known, as for ``swarm plan``).
 
@@ -233,7 +244,7 @@ def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placemen
         for mb in batches:
             w = replace(work, micro_batch=mb)
             figures = tuple(
-                _node_figures(node, i == 0, n, device, shape, w, strategy, world, knobs, overheads,
+                _node_figures(node, head and i == 0, n, device, shape, w, strategy, world, knobs, overheads,
                               link_gbps, samples // mb, multi_node=len(nodes) > 1)
                 for i, (node, n) in enumerate(zip(nodes, per_node))
             )
@@ -241,6 +252,14 @@ def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placemen
             if attempt.fits:
                 break
         candidates.append(attempt)
+    pcs, sync = (), None
+    if job.train.strategy == "diloco" or (job.train.strategy == "auto" and len(nodes) > 1):
+        pcs = tuple(diloco.pc_plans(job, nodes, per_node, placement.use_gpu, precision, overheads,
+                                      data_tokens))
+        sync = diloco.sync_plan(job, shape.lora_params(work.lora_targets, work.lora_r), len(nodes),
+                                max(p.step_seconds for p in pcs), link_gbps)
+        figures = tuple(replace(p.nodes[0], step=diloco.with_exchange(p.nodes[0].step, sync)) for p in pcs)
+        candidates.append(Candidate(mem.Strategy(0, diloco=True), pcs[0].micro_batch, pcs[0].grad_accum, figures))
 
     fitting = [c for c in candidates if c.fits]
     notes: list[str] = []
@@ -262,15 +281,21 @@ def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placemen
         notes.append(f"the prepared data (about {stored / 2**20:,.0f} MiB) is larger than Ray's object store "
                      f"({work.object_store_bytes / 2**20:,.0f} MiB, ray.object_store_mb): Ray spills it to disk and "
                      "the workers read it back from there")
+    chose_diloco = chosen.strategy.diloco
+    if chose_diloco:
+        notes.append(diloco.describe(sync))
     return Plan(
         fits=reason is None, placement=placement, strategy=chosen.strategy,
         strategy_reason=strategy_reason(job, chosen, candidates, world),
         micro_batch=chosen.micro_batch, grad_accum=chosen.grad_accum, precision=precision,
-        deepspeed=deepspeed_config(job, chosen.strategy, precision, chosen.micro_batch, chosen.grad_accum,
-                                   knobs, pin_memory=placement.use_gpu),
+        deepspeed=None if chose_diloco else deepspeed_config(
+            job, chosen.strategy, precision, chosen.micro_batch, chosen.grad_accum, knobs,
+            pin_memory=placement.use_gpu),
         reason=reason, nodes=chosen.nodes, candidates=tuple(candidates),
         model=shape, workload=replace(work, micro_batch=chosen.micro_batch),
-        knobs=knobs, workers=world, seq_len=job.data.seq_len, notes=tuple(notes),
+        knobs=pcs[0].knobs if chose_diloco else knobs, workers=world, seq_len=job.data.seq_len,
+        notes=tuple(notes), pcs=pcs if chose_diloco else (), sync=sync if chose_diloco else None,
+        addresses=tuple(n.address for n in nodes),
     )
 
 
@@ -307,6 +332,8 @@ def allowed_strategies(job: JobConfig) -> list[mem.Strategy]:
         UserError: the settings exclude every strategy.
     """
     offload, train = job.offload, job.train
+    if train.strategy == "diloco":
+        return []  # each PC of a diloco run is planned on its own (swarm.plan.diloco)
     kinds = ("replicate", "shard") if train.strategy == "auto" else (train.strategy,)
 
     def allows(setting: str, target: str) -> bool:

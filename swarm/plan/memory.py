@@ -50,13 +50,21 @@ class Strategy:
       RAM when ``offload_optimizer`` is ``cpu`` (ZeRO-2 offloads nowhere else).
     - ``shard`` (ZeRO-3): the base is partitioned over the workers, its partitions kept on
       the device, in CPU RAM or on NVMe (``offload_params``), the optimizer state likewise.
+    - ``diloco``: each PC trains on its own with one of the two above inside it (each PC's
+      own plan says which) and the PCs exchange adapters every few steps (``swarm.plan.diloco``);
+      ``zero_stage`` is 0 here, as the stage is each PC's.
     """
 
     zero_stage: int
     offload_params: str = "none"
     offload_optimizer: str = "none"
+    diloco: bool = False
 
     def __post_init__(self):
+        if self.diloco:
+            if (self.zero_stage, self.offload_params, self.offload_optimizer) != (0, "none", "none"):
+                raise ValueError("diloco's ZeRO stage and offload are each PC's own")
+            return
         if self.zero_stage not in (2, 3):
             raise ValueError(f"zero_stage must be 2 (replicate) or 3 (shard), not {self.zero_stage}")
         if self.offload_params not in OFFLOAD_TARGETS or self.offload_optimizer not in OFFLOAD_TARGETS:
@@ -68,6 +76,8 @@ class Strategy:
 
     @property
     def kind(self) -> str:
+        if self.diloco:
+            return "diloco"
         return "replicate" if self.zero_stage == 2 else "shard"
 
     @property
@@ -81,6 +91,8 @@ class Strategy:
 
     @property
     def label(self) -> str:
+        if self.diloco:
+            return "each PC trains on its own, adapters exchanged every few steps (DiLoCo)"
         where = {"cpu": "CPU RAM", "nvme": "NVMe"}
         parts = ["replicated 4-bit base, ZeRO-2" if self.zero_stage == 2 else "sharded base, ZeRO-3"]
         if self.offload_params != "none":

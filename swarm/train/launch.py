@@ -57,6 +57,10 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
     check_trackers(job)
     if job.ray.address:
         check_reachable(job.ray.address)
+    else:
+        # A local run is planned before anything is read: a refusal costs nothing. It is
+        # planned again below, once the prepared data (which the driver holds) is known.
+        plan_run(job, None)
     tokenizer = load_tokenizer(job)
     from swarm.train.data import prepare_data
 
@@ -69,9 +73,9 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
     data_tokens = stats.train_tokens + stats.eval_tokens
     planner = None
     if not job.ray.address:
-        # A local run is planned before Ray starts: a refusal costs nothing. Its workers
-        # run here, so DeepSpeed's ops are built here, once, before any worker needs them.
         planner = plan_run(job, None, data_tokens)
+        # The workers of a local run run here: DeepSpeed's ops are built here, once, after
+        # every input is checked and before any worker needs them.
         from swarm.train.ops import ensure_ops, ops_for
 
         ensure_ops(ops_for(planner.current.to_dict()), note=lambda line: print(line, file=sys.stderr, flush=True))
@@ -308,6 +312,8 @@ class ray_session:
     def __enter__(self) -> str | None:
         import ray
 
+        from swarm.train.trainer import LOCAL_RAY_SYSTEM_CONFIG
+
         settings = self.job.ray
         self.job_id = None
         if settings.address:
@@ -329,9 +335,7 @@ class ray_session:
                 # Worker output goes to Ray's log files; the terminal shows swarm's progress.
                 log_to_driver=False,
                 logging_level="ERROR",
-                # Ray would start an idle worker process in advance for tasks; a training
-                # run starts only actors, which get processes of their own.
-                _system_config={"prestart_worker_first_driver": False},
+                _system_config=LOCAL_RAY_SYSTEM_CONFIG,
             )
         url = context.dashboard_url
         # The processes of a Ray started here: if one dies the run cannot go on, and Ray's
@@ -390,17 +394,25 @@ def free_dashboard_port(wanted: int) -> int:
 
 
 def swarm_client_env() -> dict[str, str]:
-    """Ray's token variables from this PC's swarm secret; empty when there is no secret.
+    """Ray's token and TLS variables from this PC's swarm secret and node certificate.
 
-    Ray reads them when its core starts, so they must be set before ``ray.init``.
+    A swarm this PC brought up with ``--insecure`` gets ``RAY_AUTH_MODE=disabled`` and no TLS;
+    a PC without secret, nothing (a Ray cluster that is not a swarm). Ray reads them when its
+    core starts, so they must be set before ``ray.init``.
+
+    Raises:
+        UserError: the secret is unusable, or this PC has no node certificate of the swarm.
     """
     from swarm.cluster.client import ray_client_env
-    from swarm.home import read_secret
+    from swarm.cluster.state import load_cluster_state
+    from swarm.home import read_secret, secret_path
 
-    try:
-        return ray_client_env(read_secret())
-    except UserError:
+    state = load_cluster_state()
+    if state is not None and state.get("auth") == "disabled":
+        return ray_client_env(None)
+    if not secret_path().exists():
         return {}
+    return ray_client_env(read_secret())
 
 
 def fit(job: JobConfig, splits: dict[str, Any], recorder: ProgressRecorder, fingerprint: dict, resume_state,

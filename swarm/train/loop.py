@@ -17,7 +17,9 @@ import time
 from typing import Any
 
 from swarm.config.models import JobConfig
+from swarm.train.diloco import Exchange, PcGroups
 from swarm.train.mailbox import pack, unpack
+from swarm.train.plans import plan_of_pc
 from swarm.train.runtime import prepare_process_env
 
 
@@ -92,7 +94,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     Args:
         cfg: ``job`` (the job as a dict), ``data`` (ref to ``{"train", "eval"}``: numpy
             ``Blocks``, or ``Pairs`` for preference methods, see ``swarm.train.packing``),
-            ``mailbox`` (the driver's ``Mailbox`` actor, which also holds the checkpoint to start from, if any, and the plans of the worker groups),
+            ``mailbox`` (the driver's ``Mailbox`` actor, which also holds the checkpoint
+            to start from, if any, and the plans of the worker groups),
             ``fingerprint`` (what this run trains), ``local`` (a run on a Ray started for
             it) and ``count_sent_bytes`` (report the bytes each worker's PC sent per
             step; a swarm run).
@@ -119,11 +122,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     job = JobConfig.model_validate(cfg["job"])
     link = DriverLink(cfg["mailbox"]) if rank == 0 else None
-    plan = group_plan(cfg["mailbox"], link, rank, world, cfg["local"])
+    plan, addresses = group_plan(cfg["mailbox"], link, rank, world, cfg["local"])
     if "refused" in plan:
         if link is not None:
             link.deliver({"kind": "refused", "reason": plan["refused"]})
         return
+    # diloco: this worker's PC trains alone with its own plan; DeepSpeed stays inside the PC.
+    pc_groups = PcGroups.build(addresses, rank) if plan["strategy"]["name"] == "diloco" else None
+    if pc_groups is not None:
+        plan = plan_of_pc(plan, addresses[rank])
     data = ray.get(cfg["data"])
     packed_resume = ray.get(cfg["mailbox"].resume_state.remote())
     resume = unpack(packed_resume) if packed_resume is not None else None
@@ -147,7 +154,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     deepspeed.init_distributed(dist_backend=placement["backend"])
 
     torch.manual_seed(job.train.seed)
-    model = load_model(job, plan, device, adapter=resume["adapter"] if resume is not None else None)
+    model = load_model(job, plan, device, adapter=resume["adapter"] if resume is not None else None,
+                       group=pc_groups.intra if pc_groups else None)
     named = trainable_parameters(model)
     params = [p for _, p in named]
     engine, _, _, scheduler = deepspeed.initialize(
@@ -156,6 +164,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         optimizer=client_optimizer(job, params),
         lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(job)),
         config=ds_config,
+        mpu=pc_groups.mpu() if pc_groups else None,
     )
     if engine.zero_optimization_stage() != plan["strategy"]["zero_stage"]:
         raise RuntimeError(f"DeepSpeed runs ZeRO-{engine.zero_optimization_stage()}, the plan says "
@@ -163,6 +172,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     start_step, samples_seen = 0, 0
     if resume is not None:
         start_step, samples_seen = restore_trainer_state(engine, scheduler, named, resume)
+    exchange = None
+    if pc_groups is not None:
+        sync = plan["sync"]
+        saved = (resume or {}).get("trainer", {}).get("extra", {}).get("outer_momentum")
+        exchange = Exchange(engine, named, pc_groups, sync["outer_lr"], sync["outer_momentum"], saved)
+        pc_tokens = 0  # this worker's tokens since the last exchange
 
     hosts = [None] * world
     dist.all_gather_object(hosts, _host_facts(on_gpu))
@@ -180,6 +195,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     def checkpoint(done: int) -> None:
         state = gather_trainable_state(engine, scheduler, named, done, samples_seen)
+        if exchange is not None:  # taken right after an exchange: the adapter is the global one
+            state["trainer"]["extra"] = {"outer_momentum": exchange.momentum_buf.clone()}
         if link is not None:
             state["fingerprint"] = cfg["fingerprint"]
             state["peft_config"] = model.peft_config["default"]
@@ -207,7 +224,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         sent = sent_bytes() - sent_before
         totals = torch.tensor([loss_sum.item() / ga, tokens, stop, sent, *figures], dtype=torch.float64,
                               device=device)
+        reduced = time.perf_counter()
         dist.all_reduce(totals)
+        if exchange is not None:
+            exchange.blocked(time.perf_counter() - reduced)  # waiting for the other PCs
+            pc_tokens += tokens
         elapsed = time.perf_counter() - started
         done = step + 1
         last = done == job.train.max_steps
@@ -225,7 +246,18 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             if link is not None:
                 link.send({"kind": "eval", "step": done, **figures})
         stopping = totals[2].item() > 0
-        if stopping or last or done % job.train.checkpoint_every == 0:
+        saving = stopping or last or done % job.train.checkpoint_every == 0
+        if exchange is not None and (saving or done % plan["sync"]["every"] == 0):
+            sent_before = sent_bytes()
+            figures = exchange.sync(pc_total(pc_tokens, pc_groups))
+            pc_tokens = 0
+            if link is not None:
+                link.send({"kind": "sync", "step": done, "sync_bytes": figures.bytes_sent,
+                           # what this PC's interface carried during the exchange, Ray's share too
+                           **({"sync_sent_bytes": sent_bytes() - sent_before} if counting else {}),
+                           "sync_seconds": figures.seconds, "sync_wait_s": figures.wait_s,
+                           "adapter_checksums": figures.checksums})
+        if saving:
             checkpoint(done)
         if stopping:
             if link is not None:
@@ -238,8 +270,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         link.deliver({"kind": "adapter", "peft_config": model.peft_config["default"], "state_dict": state})
 
 
-def group_plan(mailbox, link: DriverLink | None, rank: int, world: int, local: bool) -> dict:
-    """This worker group's plan from the driver (see ``swarm.train.plans``), the same on every rank.
+def pc_total(tokens: int, groups) -> float:
+    """The tokens of this worker's PC since the last exchange. Collective inside the PC."""
+    import torch
+    import torch.distributed as dist
+
+    total = torch.tensor([float(tokens)], dtype=torch.float64)
+    dist.all_reduce(total, group=groups.intra)
+    return float(total)
+
+
+def group_plan(mailbox, link: DriverLink | None, rank: int, world: int, local: bool) -> tuple[dict, list[str]]:
+    """This worker group's plan from the driver (see ``swarm.train.plans``), the same on every
+    rank, and each rank's node address.
 
     Collective: every rank gathers the node addresses of the group; rank 0 asks the driver
     for the group's plan and hands it to the others.
@@ -256,7 +299,7 @@ def group_plan(mailbox, link: DriverLink | None, rank: int, world: int, local: b
         key = group_key(addresses, local)
         answer[0] = receive_group_plan(mailbox, key, ask=lambda: link.send({"kind": "plan_request", "key": key}))
     dist.broadcast_object_list(answer, src=0)
-    return answer[0]
+    return answer[0], addresses
 
 
 def evaluate(engine, split, objective, job: JobConfig, mb: int, rank: int, world: int) -> dict[str, float]:

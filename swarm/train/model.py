@@ -32,7 +32,7 @@ def attention_implementation(requested: str) -> str:
     return requested
 
 
-def load_model(job: JobConfig, plan: dict[str, Any], device: str, adapter: dict | None = None):
+def load_model(job: JobConfig, plan: dict[str, Any], device: str, adapter: dict | None = None, group=None):
     """Load the base (4-bit when asked), enable checkpointing, add LoRA, place it for ZeRO.
 
     Args:
@@ -41,6 +41,8 @@ def load_model(job: JobConfig, plan: dict[str, Any], device: str, adapter: dict 
         device: This worker's device, ``cpu`` or ``cuda:N``.
         adapter: LoRA weights to start from (a checkpoint's, under peft's names); they are
             written while the weights are still whole on every worker.
+        group: the process group ZeRO partitions over (a PC's workers under ``diloco``);
+            None for all workers.
 
     Returns:
         The peft model, ready for ``deepspeed.initialize`` with ``plan["deepspeed"]``.
@@ -89,12 +91,12 @@ def load_model(job: JobConfig, plan: dict[str, Any], device: str, adapter: dict 
     if adapter is not None:
         load_adapter_weights(model, adapter)
     if loading.partition_after_load:
-        partition_for_zero3(model, ds_config, dtype, device)
+        partition_for_zero3(model, ds_config, dtype, device, group)
     del hf_ds_config
     return model
 
 
-def partition_for_zero3(model, ds_config: dict[str, Any], dtype: torch.dtype, device: str) -> None:
+def partition_for_zero3(model, ds_config: dict[str, Any], dtype: torch.dtype, device: str, group=None) -> None:
     """Partition a loaded model with ZeRO-3 before ``deepspeed.initialize`` sees it.
 
     The engine moves a model it finds unpartitioned to the device as a whole; partitioned,
@@ -112,7 +114,7 @@ def partition_for_zero3(model, ds_config: dict[str, Any], dtype: torch.dtype, de
                 param.data = param.data.to(dtype)
     offload = ds_config["zero_optimization"].get("offload_param", {})
     deepspeed.zero.Init(module=model, config_dict_or_path=ds_config, remote_device=offload.get("device"),
-                        pin_memory=bool(offload.get("pin_memory")), dtype=dtype)
+                        pin_memory=bool(offload.get("pin_memory")), dtype=dtype, data_parallel_group=group)
     move_state_to(model, torch.device(device))
 
 

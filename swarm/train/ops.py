@@ -48,14 +48,16 @@ def ops_for(plan: dict) -> list[str]:
     """The compiled ops a plan's workers load, by extension name.
 
     Args:
-        plan: ``Plan.to_dict()``.
+        plan: ``Plan.to_dict()`` (a diloco plan: every PC's config).
     """
-    zero = plan["deepspeed"]["zero_optimization"]
-    offload_devices = {zero.get("offload_optimizer", {}).get("device"), zero.get("offload_param", {}).get("device")}
+    configs = [plan["deepspeed"]] if plan.get("deepspeed") else [pc["deepspeed"] for pc in plan.get("pcs", [])]
+    zeros = [config["zero_optimization"] for config in configs]
+    optimizer = {z.get("offload_optimizer", {}).get("device") for z in zeros}
+    params = {z.get("offload_param", {}).get("device") for z in zeros}
     needed = []
-    if zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme"):
+    if optimizer & {"cpu", "nvme"}:
         needed.append("cpu_adam")
-    if "nvme" in offload_devices:
+    if "nvme" in optimizer | params:
         needed.append("async_io")
     if not plan["placement"]["use_gpu"]:
         needed.append("deepspeed_shm_comm")  # DeepSpeed's CPU accelerator loads it at start

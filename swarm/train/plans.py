@@ -148,3 +148,16 @@ def receive_group_plan(mailbox, key: GroupKey, ask, timeout_s: float = 300.0) ->
             time.sleep(0.2)
             packed = ray.get(mailbox.plan.remote(key))
     return unpack(packed)
+
+
+def plan_of_pc(plan: dict, address: str) -> dict:
+    """What a worker of a ``diloco`` run uses: its PC's own plan inside the run's plan.
+
+    Its PC's DeepSpeed config, strategy, micro-batch and accumulation replace the run's;
+    the precision, placement and the exchange (``sync``) stay the run's.
+    """
+    pcs = plan["pcs"]
+    # A run on its own Ray has one PC, whose address the plan never learned.
+    [pc] = pcs if len(pcs) == 1 else [pc for pc in pcs if pc["address"] == address]
+    return {**plan, "deepspeed": pc["deepspeed"], "strategy": pc["strategy"], "micro_batch": pc["micro_batch"],
+            "grad_accum": pc["grad_accum"], "pc": pc["name"]}

@@ -155,6 +155,9 @@ class ProgressRecorder:
 
             record_progress(self.status_job_id, message["step"], message["loss"])
 
+    def _on_sync(self, message: dict) -> None:
+        self._write_metrics(message)
+
     def _on_eval(self, message: dict) -> None:
         self.last_eval = message["eval_loss"]
         self._write_metrics(message)

@@ -17,6 +17,20 @@ PC that memory is better left to CPU offload. So swarm's trainer differs from a 
   resource requests to a cluster autoscaler; a Ray of one PC has nothing to add). On a
   swarm both stay: the cleaner frees the worker slots of a driver killed mid-run, and the
   elastic policy reads the slots it may use from the coordinator.
+
+This module is the one place swarm touches Ray Train's private parts. It relies on, in the
+Ray range pyproject.toml allows (checked by tests/unit/test_ray_internals.py, which fails
+naming the part a Ray upgrade changed):
+
+- ``ray.train.v2.api.data_parallel_trainer.DataParallelTrainer._create_default_callbacks``
+  and ``._initialize_and_run_controller(scaling_policy=...)``;
+- ``ray.train.v2._internal.callbacks.datasets.DatasetsCallback`` and
+  ``...placement_group_callback.PlacementGroupCleanerCallback``;
+- ``ray.train.v2._internal.execution.scaling_policy.FixedScalingPolicy`` with
+  ``after_controller_start``, ``_maybe_send_resource_request``, ``_send_resource_request``;
+- ``ray.train._internal.utils.get_address_and_port``;
+- Ray's system config key ``prestart_worker_first_driver`` (``LOCAL_RAY_SYSTEM_CONFIG``)
+  and the ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` variable.
 """
 
 from __future__ import annotations
@@ -25,6 +39,10 @@ import datetime as dt
 import os
 
 from ray.train.backend import Backend, BackendConfig
+
+# A Ray started for one run: no idle worker process started in advance for tasks (a
+# training run starts only actors, which get processes of their own).
+LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
 

@@ -1,7 +1,7 @@
 """Train one tiny QLoRA job on namespace "PCs" joined by a slow, shaped link: strategies and scaling.
 
 Run as root on Linux (needs `ip` and `tc`, Debian's iproute2):
-    python tests/bench/bench_swarm_train.py [--rate 100mbit] [--steps 20]
+    python tests/bench/bench_swarm_train.py [--rate 100mbit] [--steps 20] [--insecure]
 
 One lab (configs/cluster-lab.yaml: a head that only coordinates, two worker hosts) is brought
 up; every host's outgoing link is capped with `tc` (a token bucket at --rate, like a
@@ -10,7 +10,8 @@ hosts, sharded (ZeRO-3) on both, and on one host alone. For each run it prints t
 step time, the bytes each worker's PC sent per step (from the run's metrics), and the
 throughput; then the throughput of two hosts against one. It prints figures; it does not pass
 or fail on them. Both worker hosts share this machine's cores, so two hosts cannot beat one
-here on compute; the figures show what the link costs each strategy.
+here on compute; the figures show what the link costs each strategy. With --insecure the
+swarm runs without secret (Ray without token and TLS): the difference is what TLS costs a step.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "cluster-lab.yaml"
 DEMO_TEXT = REPO / "configs" / "data" / "demo.txt"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # lab: the network-namespace hosts
 
 sys.path.insert(0, str(REPO / "tests" / "bench"))
 
 from bench_up import wait_healthy  # noqa: E402
 
-from swarm.cluster.netlab import NetLab  # noqa: E402
+from lab.netlab import NetLab  # noqa: E402
 
 
 def shape(lab: NetLab, rate: str) -> None:
@@ -88,7 +90,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", default="100mbit", help="link rate per host (tc syntax), default 100mbit")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--insecure", action="store_true", help="no secret: Ray without token and TLS")
     args = parser.parse_args()
+    flags = ["--insecure"] if args.insecure else []
     if os.geteuid() != 0:
         raise SystemExit("run as root: the lab makes network namespaces")
     from swarm.tiny import make_tiny_model
@@ -96,18 +100,19 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-swarm-"))
     model = make_tiny_model(work / "tiny-llama", [DEMO_TEXT], hidden=256, layers=4)
     print(f"tiny Llama (hidden 256, 4 layers), QLoRA r16, seq 128, micro-batch 2; link capped at {args.rate} "
-          f"per host; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+          f"per host; {'--insecure (no token, no TLS)' if args.insecure else 'token and TLS'}; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     results = []
     with NetLab(3) as lab:
         lab.swarm(1, "init")
         for host in (2, 3):
             shutil.copy2(lab.home(1) / "secret", lab.home(host) / "secret")
         for host in (1, 2, 3):
-            lab.popen(host, [sys.executable, "-m", "swarm", "agent", "--listen", f"{lab.address(host)}:7077"],
+            lab.popen(host, [sys.executable, "-m", "swarm", "agent", "--listen", f"{lab.address(host)}:7077", *flags],
                       lab.root / f"agent-h{host}.log")
         for host in (1, 2, 3):
-            wait_healthy(lab, host)
-        up = lab.swarm(1, "up", str(CONFIG), timeout=600)
+            wait_healthy(lab, host, insecure=args.insecure)
+        up = lab.swarm(1, "up", str(CONFIG), *flags, timeout=600)
         if up.returncode != 0:
             raise SystemExit(f"swarm up failed:\n{up.stdout}\n{up.stderr}")
         shape(lab, args.rate)
@@ -117,7 +122,7 @@ def main() -> int:
             print(f"  {r['strategy']:9s} {r['workers']} host(s): step {r['step_s']:.2f} s, "
                   f"sent {r['sent_mb']:.2f} MB/step/worker, {r['tokens_per_s']:.0f} tok/s, loss {r['loss']:.3f}",
                   flush=True)
-        lab.swarm(1, "down", timeout=300)
+        lab.swarm(1, "down", *flags, timeout=300)
     shutil.rmtree(work, ignore_errors=True)
 
     print("\n| strategy | hosts | median step (s) | sent per step per worker (MB) | tokens/s |")

@@ -85,7 +85,7 @@ def stop(proc: subprocess.Popen, timeout_s: float = 60) -> int:
 
 @pytest.fixture(scope="module")
 def swarm():
-    from swarm.cluster.netlab import NetLab
+    from lab.netlab import NetLab
 
     lab = NetLab(4)
     lab.create()
@@ -101,7 +101,7 @@ def swarm():
         yield Swarm(lab, agents, secret_file.read_text().strip(), up, time.monotonic() - start)
     finally:
         lab.destroy()
-        from swarm.cluster.netlab import namespaces
+        from lab.netlab import namespaces
 
         assert not [ns for ns in namespaces() if ns.startswith(lab.tag + "-")], "namespaces left behind"
 
@@ -126,7 +126,7 @@ ray.init(address="198.18.0.1:6379", log_to_driver=False)
 
 @ray.remote(num_cpus=0)
 def where():
-    return {k: os.environ.get(k) for k in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "RAY_AUTH_MODE")} | {
+    return {k: os.environ.get(k) for k in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "RAY_AUTH_MODE", "RAY_USE_TLS")} | {
         "ip": ray.util.get_node_ip_address()}
 
 ips = sys.argv[1:]
@@ -141,9 +141,10 @@ sys.stdin.read()  # stay a running job until the test has looked at `swarm statu
 
 def test_a_task_pinned_to_each_node_reports_that_nodes_address(swarm):
     from swarm.cluster.client import ray_client_env
+    from swarm.cluster.tls import node_files
 
     lab = swarm.lab
-    env = lab.env(HEAD, **ray_client_env(swarm.secret))
+    env = lab.env(HEAD, **ray_client_env(swarm.secret, node_files(lab.home(HEAD))))
     ips = [ADDR[HEAD], ADDR[W1], ADDR[W2]]
     driver = subprocess.Popen(lab.argv(HEAD, [sys.executable, "-c", PINNED_TASKS, *ips]), env=env, text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -162,8 +163,8 @@ def test_a_task_pinned_to_each_node_reports_that_nodes_address(swarm):
     job_id = lines[1].split(" ", 1)[1].strip()
     for ip in ips:
         assert result[ip]["ip"] == ip
-        # Workers inherit the node's settings: token auth and the interface that reaches the head.
-        assert result[ip]["RAY_AUTH_MODE"] == "token"
+        # Workers inherit the node's settings: token auth, TLS and the interface that reaches the head.
+        assert result[ip]["RAY_AUTH_MODE"] == "token" and result[ip]["RAY_USE_TLS"] == "1"
         assert result[ip]["NCCL_SOCKET_IFNAME"] == result[ip]["GLOO_SOCKET_IFNAME"] == "lan0"
     # While the driver runs, `swarm status` lists it with the progress it recorded.
     assert [(j["job_id"], j["step"], j["loss"]) for j in jobs] == [(job_id, 3, 0.5)]
@@ -189,13 +190,37 @@ def test_agent_refuses_calls_without_or_with_a_wrong_secret(swarm):
     assert "healthy: agent" in wait_healthy(lab, OTHER, target)  # the right secret still works
 
 
-def test_ray_client_with_a_wrong_token_is_refused(swarm):
+def test_ray_refuses_a_wrong_token_and_any_client_without_a_certificate_of_the_swarm(swarm):
+    from swarm.cluster import keys, tls
+    from swarm.cluster.builders import ray_auth_env, ray_tls_env
+
     code = "import ray; ray.init(address='198.18.0.1:6379'); print('CONNECTED')"
-    # Ray retries the GCS once a second; 3 tries are enough to see the refusal.
-    env = swarm.lab.env(W1, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="f" * 64, RAY_gcs_server_port_wait_time_s="3")
-    r = swarm.lab.run(W1, [sys.executable, "-c", code], env=env, timeout=120)
+    lab, token = swarm.lab, keys.ray_token(swarm.secret)
+
+    def connect(env_vars: dict) -> subprocess.CompletedProcess:
+        # Ray retries the GCS once a second; 3 tries are enough to see the refusal.
+        return lab.run(W1, [sys.executable, "-c", code], env=lab.env(W1, RAY_gcs_server_port_wait_time_s="3", **env_vars), timeout=180)
+
+    w1_files = ray_tls_env(tls.node_files(lab.home(W1)))  # a node of the swarm: its certificate
+    r = connect({**ray_auth_env("f" * 64), **w1_files})
     assert r.returncode != 0 and "CONNECTED" not in r.stdout
     assert "Authentication token is missing or incorrect" in r.stderr
+    # The right token without TLS, or with a certificate from another CA, reaches nothing.
+    stranger = lab.root / "stranger-home"
+    made = lab.run(OTHER, [sys.executable, "-c", STRANGER_CERT], env=lab.env(OTHER, SWARM_HOME=str(stranger)))
+    assert made.returncode == 0, made.stderr
+    for transport in ({"RAY_USE_TLS": "0"}, ray_tls_env(tls.node_files(stranger))):
+        r = connect({**ray_auth_env(token), **transport})
+        assert r.returncode != 0 and "CONNECTED" not in r.stdout, r.stdout
+
+
+# A PC outside the swarm makes its own CA and a certificate for host 4's address with it.
+STRANGER_CERT = """
+from swarm.cluster import tls
+tls.create_ca()
+tls.install_node_certificate(tls.issue_node_certificate(tls.public_key_pem(tls.node_key()), ["198.18.0.4"]),
+                             tls.ca_certificate_pem(), "198.18.0.4")
+"""
 
 
 DASHBOARD_PROBE = """
@@ -208,14 +233,17 @@ def get(token):
         return urllib.request.urlopen(req, timeout=20).status
     except urllib.error.HTTPError as exc:
         return exc.code
-print(json.dumps([get(None), get("0" * 64), get(sys.argv[1])]))
+print(json.dumps([get(None), get("0" * 64), *map(get, sys.argv[1:])]))
 """
 
 
-def test_dashboard_api_needs_the_token(swarm):
-    r = swarm.lab.run(HEAD, [sys.executable, "-c", DASHBOARD_PROBE, swarm.secret], timeout=120)
+def test_dashboard_api_needs_rays_token_and_the_secret_is_not_it(swarm):
+    r = swarm.lab.swarm(HEAD, "token")
+    token = r.stdout.strip()
+    assert r.returncode == 0 and len(token) == 64 and token != swarm.secret
+    r = swarm.lab.run(HEAD, [sys.executable, "-c", DASHBOARD_PROBE, swarm.secret, token], timeout=120)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == [401, 403, 200]  # no token, wrong token, the swarm's token
+    assert json.loads(r.stdout) == [401, 403, 403, 200]  # no token, wrong one, the secret itself, Ray's token
 
 
 def test_browser_signs_in_to_the_dashboard_and_sees_every_node(swarm):
@@ -226,8 +254,9 @@ def test_browser_signs_in_to_the_dashboard_and_sees_every_node(swarm):
     profile = lab.root / "chromium-profile"
     env = lab.env(HEAD, HOME=str(lab.root), SE_AVOID_STATS="true")
     ips = [ADDR[HEAD], ADDR[W1], ADDR[W2]]
+    token = lab.swarm(HEAD, "token").stdout.strip()
     r = lab.run(HEAD, [sys.executable, __file__, "browse", "http://127.0.0.1:8265", str(shot), str(profile), *ips],
-                env=env, timeout=300, input=swarm.secret)
+                env=env, timeout=300, input=token)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     seen = json.loads(r.stdout.strip().splitlines()[-1])
     assert seen["asked_for_token"] and seen["nodes"] == ips

@@ -36,7 +36,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def lab():
-    from swarm.cluster.netlab import NetLab, namespaces
+    from lab.netlab import NetLab, namespaces
 
     lab = NetLab(3)
     lab.create()
@@ -69,7 +69,8 @@ def start_agent(lab, host: int):
 
 
 # Replication keeps the base whole on every worker and offloads only the optimizer.
-OFFLOAD = {"replicate": {"params": "none", "optimizer": "cpu"}, "shard": {"params": "cpu", "optimizer": "cpu"}}
+OFFLOAD = {"replicate": {"params": "none", "optimizer": "cpu"}, "shard": {"params": "cpu", "optimizer": "cpu"},
+           "diloco": {"params": "cpu", "optimizer": "cpu"}}
 
 
 def swarm_job(folder: Path, model: Path, **train) -> Path:
@@ -153,7 +154,7 @@ def test_more_workers_than_the_swarm_has_is_refused_before_loading(lab, tiny_mod
 
 @pytest.mark.timeout(1800)
 def test_a_host_dropping_out_costs_at_most_one_checkpoint_interval_and_it_grows_back(lab, tiny_models, tmp_path):
-    from swarm.cluster.netlab import kill_namespace_processes
+    from lab.netlab import kill_namespace_processes
 
     # The run must outlast a restart on one host and the regrowth, however fast this
     # machine steps (a tiny model takes ~0.1 s a step): it has far more steps than it
@@ -224,3 +225,82 @@ def wait_for(condition, driver, log: Path, what: str, timeout_s: float = 600) ->
         if driver.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"waiting for {what}: {log.read_text()[-4000:]}")
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def diloco_run(lab, tiny_models, tmp_path_factory):
+    """diloco with plain per-step averaging (H=1, outer lr 1, no momentum), CPU parameter offload."""
+    folder = tmp_path_factory.mktemp("diloco")
+    job = swarm_job(folder, tiny_models("llama"), strategy="diloco", max_steps=24, sync_every=1, outer_lr=1.0,
+                    outer_momentum=0.0)
+    result = train_on_swarm(lab, job)
+    return folder, job, result, run_dir_of(result)
+
+
+def test_diloco_trains_each_host_on_its_own_and_they_agree_after_every_exchange(diloco_run):
+    _, _, result, run_dir = diloco_run
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["strategy"]["name"] == "diloco" and summary["world_size"] == 2
+    loss = losses(run_dir)
+    assert loss[24] < loss[1] * 2 / 3, loss
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["deepspeed"] is None and [pc["workers"] for pc in plan["pcs"]] == [1, 1]
+    assert all(pc["deepspeed"]["zero_optimization"]["offload_param"]["device"] == "cpu" for pc in plan["pcs"])
+    # The worker on the head's first PC initialised DeepSpeed with its PC's config from the plan.
+    ds = json.loads((run_dir / "deepspeed.json").read_text())
+    assert ds in [pc["deepspeed"] for pc in plan["pcs"]]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    syncs = [r for r in rows if "sync_bytes" in r]
+    assert [r["step"] for r in syncs] == list(range(1, 25))
+    for row in syncs:  # plain averaging: both hosts hold one adapter after each exchange
+        first, second = row["adapter_checksums"]
+        assert first == pytest.approx(second, rel=1e-6, abs=1e-6), row
+        assert row["sync_bytes"] > 0 and row["sync_wait_s"] >= 0
+
+
+def test_diloco_sends_only_adapters(diloco_run, finished_runs):
+    _, _, _, run_dir = diloco_run
+
+    def median_sent(folder: Path) -> float:
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        sent = sorted(r["sent_bytes_per_worker"] for r in rows if "loss" in r)
+        return sent[len(sent) // 2]
+
+    # Even exchanging every step it sends less than ZeRO-3, which gathers the base too.
+    assert median_sent(run_dir) < median_sent(finished_runs["shard"][1])
+
+
+def test_a_diloco_run_resumes_on_one_host(lab, diloco_run):
+    folder, job, _, run_dir = diloco_run
+    result = lab.swarm(HEAD, "train", str(job), "--resume", str(run_dir), "--set", "train.workers=1",
+                       "--set", "train.max_steps=28", timeout=800)
+    assert run_dir_of(result) == run_dir and "from step 24" in result.stderr, result.stderr[-3000:]
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["world_size"] == 1 and summary["steps"] == 28
+    assert sorted(losses(run_dir)) == list(range(1, 29))
+
+
+@pytest.mark.timeout(1800)
+def test_when_a_diloco_host_dies_the_other_trains_to_the_end(lab, tiny_models, tmp_path):
+    from lab.netlab import kill_namespace_processes
+
+    job = swarm_job(tmp_path, tiny_models("llama"), strategy="diloco", max_steps=40, min_workers=1,
+                    sync_every=2, regrow_check_s=3600)
+    log = tmp_path / "train.log"
+    driver = lab.popen(HEAD, [sys.executable, "-m", "swarm", "train", str(job)], log)
+    try:
+        wait_for(lambda: checkpoint_steps(tmp_path) and max(checkpoint_steps(tmp_path)) >= CHECKPOINT_EVERY,
+                 driver, log, "a checkpoint")
+        kill_namespace_processes(lab.ns(W2), grace_s=0)
+        assert driver.wait(900) == 0, log.read_text()[-4000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        lab.agents[W2] = start_agent(lab, W2)
+        lab.swarm(HEAD, "up", str(LAB_CONFIG), timeout=400)
+    text = log.read_text()
+    assert "workers restarted: 1 worker(s)" in text, text[-4000:]
+    run_dir = Path(text.strip().splitlines()[-1].removeprefix("run: "))
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["steps"] == 40 and summary["restarts"][0]["world_size"] == 1
+    assert sorted(losses(run_dir)) == list(range(1, 41)) and (run_dir / "adapter").is_dir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from swarm.cluster.builders import (
     HEAD, WORKER, RayNodeSettings, child_env, choose_interface, dashboard_url, default_object_store_bytes,
     gcs_address, ray_node_env, ray_start_argv, version_mismatches, worker_slots,
 )
+from swarm.cluster.tls import TlsFiles
 
 MIB = 1024**2
 
@@ -77,27 +79,51 @@ def test_settings_refuse_nonsense():
         settings(object_store_bytes=10 * MIB)
 
 
-def test_node_env_sets_token_auth_and_socket_interfaces():
-    env = ray_node_env("s3cret", "wlan0")
+FILES = TlsFiles(cert=Path("/h/tls/node.crt"), key=Path("/h/tls/node.key"), ca=Path("/h/tls/ca.crt"))
+
+
+def test_node_env_sets_token_auth_tls_and_socket_interfaces():
+    env = ray_node_env("t0ken", "wlan0", FILES)
     assert env["RAY_AUTH_MODE"] == "token"
-    assert env["RAY_AUTH_TOKEN"] == "s3cret"
+    assert env["RAY_AUTH_TOKEN"] == "t0ken"
+    assert env["RAY_USE_TLS"] == "1"
+    assert (env["RAY_TLS_SERVER_CERT"], env["RAY_TLS_SERVER_KEY"], env["RAY_TLS_CA_CERT"]) == (
+        "/h/tls/node.crt", "/h/tls/node.key", "/h/tls/ca.crt")
     assert env["NCCL_SOCKET_IFNAME"] == "wlan0"
     assert env["GLOO_SOCKET_IFNAME"] == "wlan0"
     assert env["RAY_USAGE_STATS_ENABLED"] == "0"
 
 
-def test_insecure_env_disables_auth_explicitly_and_carries_no_token():
+def test_metrics_endpoints_are_closed_unless_asked():
+    closed = ray_node_env("t", None, FILES)
+    assert closed["RAY_enable_metrics_collection"] == "0"
+    # Ray offers no switch for these two servers: a port outside 0-65535 keeps them from starting.
+    assert int(closed["AUTOSCALER_METRIC_PORT"]) > 65535 and int(closed["DASHBOARD_METRIC_PORT"]) > 65535
+    asked = ray_node_env("t", None, FILES, metrics=True)
+    assert asked["RAY_enable_metrics_collection"] == "1"
+    assert {int(asked["AUTOSCALER_METRIC_PORT"]), int(asked["DASHBOARD_METRIC_PORT"])} == {
+        C.RAY_AUTOSCALER_METRICS_PORT, C.RAY_DASHBOARD_METRICS_PORT}
+
+
+def test_insecure_env_disables_auth_and_tls_explicitly_and_carries_no_token():
     env = ray_node_env(None, None)
-    assert env["RAY_AUTH_MODE"] == "disabled"
-    assert "RAY_AUTH_TOKEN" not in env and "NCCL_SOCKET_IFNAME" not in env
+    assert env["RAY_AUTH_MODE"] == "disabled" and env["RAY_USE_TLS"] == "0"
+    assert "RAY_AUTH_TOKEN" not in env and "RAY_TLS_CA_CERT" not in env and "NCCL_SOCKET_IFNAME" not in env
 
 
-def test_child_env_drops_inherited_ray_auth_and_address():
-    base = {"PATH": "/bin", "RAY_AUTH_TOKEN_PATH": "/root/.ray/auth_token", "RAY_AUTH_TOKEN": "old", "RAY_ADDRESS": "x:1"}
+def test_child_env_drops_inherited_ray_auth_tls_and_address():
+    base = {"PATH": "/bin", "RAY_AUTH_TOKEN_PATH": "/root/.ray/auth_token", "RAY_AUTH_TOKEN": "old", "RAY_ADDRESS": "x:1",
+            "RAY_TLS_CA_CERT": "/elsewhere/ca.crt", "DASHBOARD_METRIC_PORT": "8080"}
     env = child_env(base, ray_node_env("new", None))
     assert env["PATH"] == "/bin"
     assert env["RAY_AUTH_TOKEN"] == "new"
-    assert "RAY_AUTH_TOKEN_PATH" not in env and "RAY_ADDRESS" not in env
+    assert "RAY_AUTH_TOKEN_PATH" not in env and "RAY_ADDRESS" not in env and "RAY_TLS_CA_CERT" not in env
+    assert env["DASHBOARD_METRIC_PORT"] != "8080"
+
+
+def test_no_log_monitor_on_any_node():
+    for role, ip in ((WORKER, "198.18.0.2"), (HEAD, "198.18.0.1")):
+        assert flag(ray_start_argv(settings(role=role, node_ip=ip), python="/py"), "--include-log-monitor") == "false"
 
 
 IFACES = {

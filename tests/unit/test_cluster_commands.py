@@ -28,4 +28,4 @@ def test_status_table_shows_each_node_jobs_and_the_dashboard(monkeypatch, tmp_pa
     assert lines[2].split()[:4] == ["worker", "192.168.1.11", "-", "NO"]
     assert "note: 192.168.1.11: no swarm agent answers" in lines[3]
     assert lines[4] == "job 01000000: running, step 120, loss 1.2346 (DRIVER)"
-    assert lines[5].startswith("dashboard: http://127.0.0.1:8265  (sign in with the token in ")
+    assert lines[5] == "dashboard: http://127.0.0.1:8265  (sign in with the token `swarm token` prints)"

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from swarm.cluster import constants as C
-from swarm.cluster.builders import HEAD, RayNodeSettings, ray_start_argv
+from swarm.cluster.builders import HEAD, RayNodeSettings, ray_node_env, ray_start_argv
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,15 +24,20 @@ def documented_ports() -> set[int]:
 
 
 def test_docs_list_exactly_the_pinned_ports():
-    pinned = set(C.HEAD_PORTS) | {C.RAY_MIN_WORKER_PORT, C.RAY_MAX_WORKER_PORT}
+    pinned = set(C.HEAD_PORTS) | set(C.METRICS_PORTS) | {C.RAY_MIN_WORKER_PORT, C.RAY_MAX_WORKER_PORT}
     assert documented_ports() == pinned
 
 
 def test_every_port_ray_is_given_is_a_pinned_one():
-    argv = ray_start_argv(RayNodeSettings(role=HEAD, node_ip="10.0.0.1", head_address="10.0.0.1",
-                                          temp_dir="/tmp/r", object_store_bytes=C.MIN_OBJECT_STORE_BYTES))
-    given = {int(argv[i + 1]) for i, a in enumerate(argv) if a.endswith("-port")}
-    assert given == set(C.HEAD_PORTS + (C.RAY_MIN_WORKER_PORT, C.RAY_MAX_WORKER_PORT)) - {C.AGENT_PORT}
+    for metrics in (False, True):
+        s = RayNodeSettings(role=HEAD, node_ip="10.0.0.1", head_address="10.0.0.1", temp_dir="/tmp/r",
+                            object_store_bytes=C.MIN_OBJECT_STORE_BYTES, metrics=metrics)
+        argv = ray_start_argv(s)
+        given = {int(argv[i + 1]) for i, a in enumerate(argv) if a.endswith("-port")}
+        given |= {int(v) for k, v in ray_node_env("t", None, None, metrics).items() if k.endswith("METRIC_PORT") and int(v) < 65536}
+        expected = set(C.HEAD_PORTS + (C.RAY_MIN_WORKER_PORT, C.RAY_MAX_WORKER_PORT)) - {C.AGENT_PORT}
+        # The agent's metrics port is always named (Ray wants one) but stays closed without metrics.
+        assert given == expected | ({C.RAY_METRICS_EXPORT_PORT} | (set(C.METRICS_PORTS) if metrics else set()))
 
 
 def test_service_unit_runs_the_agent_and_stops_its_tree():

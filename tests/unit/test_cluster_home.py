@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -12,13 +13,12 @@ import pytest
 
 from swarm.cli import main
 from swarm.errors import UserError
-from swarm.home import create_secret, ray_temp_dir, read_secret, resolve_secret, secret_path, swarm_home
+from swarm.home import create_secret, private_dir, ray_temp_dir, read_secret, resolve_secret, secret_path, swarm_home
 
 
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("SWARM_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("SWARM_RAY_TEMP_DIR", raising=False)
     return tmp_path / "home"
 
 
@@ -40,8 +40,13 @@ def test_init_makes_a_private_random_secret(home, capsys):
     assert read_secret() != secret
 
 
-def test_init_refuses_to_replace_a_secret(capsys):
+def test_init_adds_a_missing_ca_then_refuses_to_replace_the_secret(home, capsys):
     create_secret()
+    secret = read_secret()
+    assert main(["init"]) == 0  # a swarm made before the CA existed gets one; its secret stays
+    assert "ca: " in capsys.readouterr().out and read_secret() == secret
+    assert stat.S_IMODE((home / "ca" / "ca.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((home / "ca").stat().st_mode) == 0o700
     assert main(["init"]) == 2
     assert "already exists" in capsys.readouterr().err
 
@@ -85,9 +90,64 @@ def test_health_of_an_absent_agent_exits_1(capsys):
     assert "no swarm agent answers at 127.0.0.1:1" in capsys.readouterr().err
 
 
-def test_ray_temp_dir_is_short_and_differs_per_home(home, monkeypatch):
-    first = ray_temp_dir()
-    monkeypatch.setenv("SWARM_HOME", str(home) + "2")
-    assert ray_temp_dir() != first
-    # Ray's Unix sockets go ~70 bytes below the temp dir and must stay under 108 bytes.
-    assert len(str(first)) < 36
+def test_ray_temp_dir_is_inside_the_private_home_when_the_path_is_short(home, monkeypatch, tmp_path):
+    short = Path("/tmp") / f"sw{os.getpid()}"
+    monkeypatch.setenv("SWARM_HOME", str(short))
+    try:
+        assert ray_temp_dir() == short / "ray"
+        assert stat.S_IMODE(short.stat().st_mode) == 0o700
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def test_ray_temp_dir_of_a_long_home_is_in_a_private_tmp_folder_per_home(home, monkeypatch):
+    first = ray_temp_dir()  # pytest's tmp_path is too long for Ray's socket paths
+    made = [first.parent]
+    try:
+        assert first.parent.parent == Path("/tmp") and first.name == "ray"
+        assert stat.S_IMODE(first.parent.stat().st_mode) == 0o700 and first.parent.stat().st_uid == os.getuid()
+        # Ray's Unix sockets go ~64 bytes below the temp dir and must stay under 108 bytes.
+        assert len(str(first)) <= 40
+        monkeypatch.setenv("SWARM_HOME", str(home) + "2")
+        made.append(ray_temp_dir().parent)
+        assert made[1] != made[0]
+    finally:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_private_dir_tightens_our_folder_and_refuses_a_planted_one(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    os.chmod(mine, 0o755)
+    assert private_dir(mine) == mine and stat.S_IMODE(mine.stat().st_mode) == 0o700
+    planted = tmp_path / "planted"
+    planted.symlink_to(mine)
+    with pytest.raises(UserError, match="not a folder of this user"):
+        private_dir(planted)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing a folder to another user needs root")
+def test_private_dir_refuses_a_folder_another_user_made(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)  # nobody
+    with pytest.raises(UserError, match="made by another user"):
+        private_dir(theirs)
+
+
+def test_every_folder_swarm_makes_in_its_home_is_private(home):
+    create_secret()
+    from swarm.cluster import tls
+    from swarm.home import logs_dir, offload_dir
+
+    tls.create_ca()
+    tls.node_key()
+    logs_dir()
+    offload_dir()
+    folders = [home] + [p for p in home.rglob("*") if p.is_dir()]
+    assert {p.name for p in folders} >= {"home", "ca", "tls", "logs", "offload"}
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in folders), {p.name: oct(p.stat().st_mode) for p in folders}
+    files = [p for p in home.rglob("*") if p.is_file()]
+    keys = [p for p in files if p.suffix == ".key" or p.name == "secret"]
+    assert len(keys) == 3 and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in keys)

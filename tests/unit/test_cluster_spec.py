@@ -46,6 +46,7 @@ def test_a_node_with_train_false_offers_no_worker_slot():
     ("head: {address: 10.0.0.1}\nray: {object_store_memory: 1MiB}", "below"),
     ("head: {address: 10.0.0.1, agent: 'x:y'}", "head.agent: agent address 'x:y' is not HOST or HOST:PORT"),
     ("head: [", "not valid YAML"),
+    ("head: {address: 10.0.0.1}\ndashboard: {host: 10.0.0.1}", "would send Ray's token over the LAN in plain HTTP.*insecure_plain_http"),
 ])
 def test_bad_cluster_files_fail_with_one_line(tmp_path, text, message):
     path = tmp_path / "c.yaml"
@@ -58,3 +59,13 @@ def test_bad_cluster_files_fail_with_one_line(tmp_path, text, message):
 def test_missing_cluster_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_cluster_spec(tmp_path / "nope.yaml")
+
+
+def test_a_dashboard_on_the_lan_and_metrics_must_be_asked_for_by_name(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("head: {address: 10.0.0.1}\n")
+    spec = load_cluster_spec(path)
+    assert spec.dashboard.host == "127.0.0.1" and not spec.dashboard.insecure_plain_http and not spec.ray.metrics
+    path.write_text("head: {address: 10.0.0.1}\nray: {metrics: true}\ndashboard: {host: 10.0.0.1, insecure_plain_http: true}\n")
+    spec = load_cluster_spec(path)
+    assert spec.ray.metrics and spec.dashboard.host == "10.0.0.1"

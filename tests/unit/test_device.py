@@ -124,3 +124,10 @@ def test_swarm_processes_use_the_ninja_beside_their_python(monkeypatch):
     assert os.environ["PATH"].split(os.pathsep)[0] == here
     pin_ninja()  # idempotent
     assert os.environ["PATH"].count(here) == 1
+
+
+def test_the_ops_of_a_diloco_plan_are_its_pcs():
+    from swarm.train.ops import ops_for
+
+    pc = {"deepspeed": {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}}
+    assert ops_for({"placement": {"use_gpu": True}, "deepspeed": None, "pcs": [pc, pc]}) == ["cpu_adam"]

@@ -95,15 +95,6 @@ def test_dockerfile_passes_hadolint():
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
-def test_hadolint_does_find_problems(tmp_path):
-    # Guards the test above against a hadolint that accepts anything (a broken install).
-    bad = tmp_path / "Dockerfile"
-    bad.write_text("FROM ubuntu:latest\nRUN pip install torch\n")
-    result = subprocess.run([tool("hadolint"), "--no-color", str(bad)], capture_output=True, text=True)
-    assert result.returncode != 0
-    assert "DL3007" in result.stdout and "DL3013" in result.stdout
-
-
 def test_bootstrap_passes_shellcheck():
     result = subprocess.run([tool("shellcheck"), "--shell=bash", str(BOOTSTRAP)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -117,13 +108,6 @@ def compose_config(*args: str, file: Path = COMPOSE, env: dict | None = None) ->
         [tool("docker-compose"), "-f", str(file), *args],
         capture_output=True, text=True, env={**base, **(env or {})},
     )
-
-
-def test_compose_schema_check_rejects_a_bad_file(tmp_path):
-    bad = tmp_path / "compose.yaml"
-    bad.write_text(COMPOSE.read_text().replace("network_mode: host", "network_mood: host"))
-    result = compose_config("--profile", "head", "config", "--quiet", file=bad)
-    assert result.returncode != 0 and "network_mood" in result.stderr
 
 
 @pytest.fixture(scope="module")

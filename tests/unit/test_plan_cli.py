@@ -42,8 +42,9 @@ def test_plan_json_is_one_object(job_file, capsys):
     rc = main(["plan", str(job_file), "--hardware", str(ROOT / "configs/hardware/two-pcs-3090.yaml"),
                "--set", "model.path=llama-3.1-70b", "--json"])
     data = json.loads(capsys.readouterr().out)
-    assert rc == 0 and data["fits"] and data["strategy"]["zero_stage"] == 3
+    assert rc == 0 and data["fits"] and data["strategy"]["name"] == "diloco"
     assert [n["name"] for n in data["nodes"]] == ["pc1", "pc2"]
+    assert [p["name"] for p in data["pcs"]] == ["pc1", "pc2"] and data["sync"]["every"] >= 1
 
 
 def test_nothing_fits_exits_1_with_the_reason(job_file, tmp_path, capsys):

@@ -45,12 +45,14 @@ def test_a_node_whose_inventory_has_gpus_is_planned_as_a_gpu_node():
     nodes, inventories = swarm_of(1, 1)
     plan = run_planner(job(), nodes, inventories).current
     assert plan.placement.mode == "per_gpu" and plan.placement.use_gpu and plan.placement.backend == "nccl"
-    assert plan.precision == "bf16" and plan.deepspeed["bf16"]["enabled"]
+    assert plan.precision == "bf16" and plan.strategy.kind == "diloco"
     assert [n.device for n in plan.nodes] == ["1x NVIDIA GeForce RTX 3090"] * 2
     assert all(n.gpu_capacity == 24 * GiB and n.gpu_bytes > 0 for n in plan.nodes)
-    # Offload buffers are pinned for the card's copies.
-    zero = plan.deepspeed["zero_optimization"]
-    assert all(v["pin_memory"] for k, v in zero.items() if k.startswith("offload_"))
+    for pc in plan.pcs:  # each PC's own plan, on its card, offload buffers pinned for its copies
+        assert pc.placement.use_gpu and pc.deepspeed["bf16"]["enabled"]
+        zero = pc.deepspeed["zero_optimization"]
+        assert all(v["pin_memory"] for k, v in zero.items() if k.startswith("offload_"))
+    assert [p["address"] for p in plan.to_dict()["pcs"]] == ["10.0.0.1", "10.0.0.2"]
     assert plan.to_dict()["placement"]["use_gpu"] is True
 
 

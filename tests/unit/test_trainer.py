@@ -48,10 +48,10 @@ def test_local_fixed_policy_decides_without_an_autoscaling_coordinator():
     assert decision.num_workers == 2
 
 
-def test_process_group_config_names_its_backend():
-    config = ProcessGroupConfig("nccl", 300)
-    assert config.to_dict() == {"backend": "nccl", "timeout_s": 300}
-    assert config.backend_cls.share_cuda_visible_devices
+def test_every_worker_of_a_pc_sees_all_its_gpus_and_takes_its_own():
+    # Ray Train would otherwise give each worker one GPU, numbered 0 in every worker; swarm's
+    # device choice (swarm.train.device.worker_device) takes the one at the local rank.
+    assert ProcessGroupConfig("nccl", 300).backend_cls.share_cuda_visible_devices
 
 
 def test_dashboard_moves_off_a_taken_port(capsys):

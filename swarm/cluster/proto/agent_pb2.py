@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x0eswarm.agent.v1\"\x12\n\x10\x43hallengeRequest\"\x1f\n\x0e\x43hallengeReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\x0f\n\rHealthRequest\"\x9c\x01\n\rRayNodeStatus\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07node_ip\x18\x03 \x01(\t\x12\x14\n\x0chead_address\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x10\n\x08log_path\x18\x06 \x01(\t\x12\x0f\n\x07\x66\x61ilure\x18\x07 \x01(\t\x12\x15\n\rdashboard_url\x18\x08 \x01(\t\"\x85\x01\n\x0bHealthReply\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x15\n\rswarm_version\x18\x02 \x01(\t\x12\x11\n\tauth_mode\x18\x03 \x01(\t\x12*\n\x03ray\x18\x04 \x01(\x0b\x32\x1d.swarm.agent.v1.RayNodeStatus\x12\x0f\n\x07message\x18\x05 \x01(\t\"6\n\x10InventoryRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x14\n\x0cmeasure_disk\x18\x02 \x01(\x08\"O\n\x07GpuInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvram_bytes\x18\x02 \x01(\x03\x12\x10\n\x08\x63\x63_major\x18\x03 \x01(\x05\x12\x10\n\x08\x63\x63_minor\x18\x04 \x01(\x05\"\xc5\x02\n\x0eInventoryReply\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x11\n\tram_bytes\x18\x02 \x01(\x03\x12%\n\x04gpus\x18\x03 \x03(\x0b\x32\x17.swarm.agent.v1.GpuInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x11\n\tinterface\x18\x05 \x01(\t\x12\x1a\n\x12offload_free_bytes\x18\x06 \x01(\x03\x12!\n\x19offload_write_bytes_per_s\x18\x07 \x01(\x01\x12>\n\x08versions\x18\x08 \x03(\x0b\x32,.swarm.agent.v1.InventoryReply.VersionsEntry\x12\x13\n\x0boffload_dir\x18\t \x01(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa6\x02\n\x0fStartRayRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x14\n\x0chead_address\x18\x02 \x01(\t\x12\x1a\n\x12object_store_bytes\x18\x03 \x01(\x03\x12\x15\n\x08num_cpus\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08num_gpus\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x41\n\tresources\x18\x06 \x03(\x0b\x32..swarm.agent.v1.StartRayRequest.ResourcesEntry\x12\x16\n\x0e\x64\x61shboard_host\x18\x07 \x01(\t\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0b\n\t_num_cpusB\x0b\n\t_num_gpus\"^\n\rStartRayReply\x12\x17\n\x0f\x61lready_running\x18\x01 \x01(\x08\x12\x0f\n\x07node_ip\x18\x02 \x01(\t\x12\x11\n\tinterface\x18\x03 \x01(\t\x12\x10\n\x08log_path\x18\x04 \x01(\t\"\x10\n\x0eStopRayRequest\">\n\x0cStopRayReply\x12\x13\n\x0bwas_running\x18\x01 \x01(\x08\x12\x19\n\x11processes_stopped\x18\x02 \x01(\x05\x32\x80\x03\n\x05\x41gent\x12M\n\tChallenge\x12 .swarm.agent.v1.ChallengeRequest\x1a\x1e.swarm.agent.v1.ChallengeReply\x12\x44\n\x06Health\x12\x1d.swarm.agent.v1.HealthRequest\x1a\x1b.swarm.agent.v1.HealthReply\x12M\n\tInventory\x12 .swarm.agent.v1.InventoryRequest\x1a\x1e.swarm.agent.v1.InventoryReply\x12J\n\x08StartRay\x12\x1f.swarm.agent.v1.StartRayRequest\x1a\x1d.swarm.agent.v1.StartRayReply\x12G\n\x07StopRay\x12\x1e.swarm.agent.v1.StopRayRequest\x1a\x1c.swarm.agent.v1.StopRayReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x0eswarm.agent.v1\"\x12\n\x10\x43hallengeRequest\"\x1f\n\x0e\x43hallengeReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\x0f\n\rHealthRequest\"\x9c\x01\n\rRayNodeStatus\x12\x0f\n\x07running\x18\x01 \x01(\x08\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07node_ip\x18\x03 \x01(\t\x12\x14\n\x0chead_address\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x10\n\x08log_path\x18\x06 \x01(\t\x12\x0f\n\x07\x66\x61ilure\x18\x07 \x01(\t\x12\x15\n\rdashboard_url\x18\x08 \x01(\t\"\x85\x01\n\x0bHealthReply\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x15\n\rswarm_version\x18\x02 \x01(\t\x12\x11\n\tauth_mode\x18\x03 \x01(\t\x12*\n\x03ray\x18\x04 \x01(\x0b\x32\x1d.swarm.agent.v1.RayNodeStatus\x12\x0f\n\x07message\x18\x05 \x01(\t\"6\n\x10InventoryRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\x14\n\x0cmeasure_disk\x18\x02 \x01(\x08\"O\n\x07GpuInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvram_bytes\x18\x02 \x01(\x03\x12\x10\n\x08\x63\x63_major\x18\x03 \x01(\x05\x12\x10\n\x08\x63\x63_minor\x18\x04 \x01(\x05\"\xde\x02\n\x0eInventoryReply\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x11\n\tram_bytes\x18\x02 \x01(\x03\x12%\n\x04gpus\x18\x03 \x03(\x0b\x32\x17.swarm.agent.v1.GpuInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x11\n\tinterface\x18\x05 \x01(\t\x12\x1a\n\x12offload_free_bytes\x18\x06 \x01(\x03\x12!\n\x19offload_write_bytes_per_s\x18\x07 \x01(\x01\x12>\n\x08versions\x18\x08 \x03(\x0b\x32,.swarm.agent.v1.InventoryReply.VersionsEntry\x12\x13\n\x0boffload_dir\x18\t \x01(\t\x12\x17\n\x0fnode_public_key\x18\n \x01(\x0c\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe9\x02\n\x0fStartRayRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x14\n\x0chead_address\x18\x02 \x01(\t\x12\x1a\n\x12object_store_bytes\x18\x03 \x01(\x03\x12\x15\n\x08num_cpus\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08num_gpus\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x41\n\tresources\x18\x06 \x03(\x0b\x32..swarm.agent.v1.StartRayRequest.ResourcesEntry\x12\x16\n\x0e\x64\x61shboard_host\x18\x07 \x01(\t\x12\x18\n\x10node_certificate\x18\x08 \x01(\x0c\x12\x16\n\x0e\x63\x61_certificate\x18\t \x01(\x0c\x12\x0f\n\x07metrics\x18\n \x01(\x08\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0b\n\t_num_cpusB\x0b\n\t_num_gpus\"^\n\rStartRayReply\x12\x17\n\x0f\x61lready_running\x18\x01 \x01(\x08\x12\x0f\n\x07node_ip\x18\x02 \x01(\t\x12\x11\n\tinterface\x18\x03 \x01(\t\x12\x10\n\x08log_path\x18\x04 \x01(\t\"\x10\n\x0eStopRayRequest\">\n\x0cStopRayReply\x12\x13\n\x0bwas_running\x18\x01 \x01(\x08\x12\x19\n\x11processes_stopped\x18\x02 \x01(\x05\">\n\x17IssueCertificateRequest\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"D\n\x15IssueCertificateReply\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0c\x12\x16\n\x0e\x63\x61_certificate\x18\x02 \x01(\x0c\x32\xe4\x03\n\x05\x41gent\x12M\n\tChallenge\x12 .swarm.agent.v1.ChallengeRequest\x1a\x1e.swarm.agent.v1.ChallengeReply\x12\x44\n\x06Health\x12\x1d.swarm.agent.v1.HealthRequest\x1a\x1b.swarm.agent.v1.HealthReply\x12M\n\tInventory\x12 .swarm.agent.v1.InventoryRequest\x1a\x1e.swarm.agent.v1.InventoryReply\x12J\n\x08StartRay\x12\x1f.swarm.agent.v1.StartRayRequest\x1a\x1d.swarm.agent.v1.StartRayReply\x12G\n\x07StopRay\x12\x1e.swarm.agent.v1.StopRayRequest\x1a\x1c.swarm.agent.v1.StopRayReply\x12\x62\n\x10IssueCertificate\x12\'.swarm.agent.v1.IssueCertificateRequest\x1a%.swarm.agent.v1.IssueCertificateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,19 +50,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GPUINFO']._serialized_start=452
   _globals['_GPUINFO']._serialized_end=531
   _globals['_INVENTORYREPLY']._serialized_start=534
-  _globals['_INVENTORYREPLY']._serialized_end=859
-  _globals['_INVENTORYREPLY_VERSIONSENTRY']._serialized_start=812
-  _globals['_INVENTORYREPLY_VERSIONSENTRY']._serialized_end=859
-  _globals['_STARTRAYREQUEST']._serialized_start=862
-  _globals['_STARTRAYREQUEST']._serialized_end=1156
-  _globals['_STARTRAYREQUEST_RESOURCESENTRY']._serialized_start=1082
-  _globals['_STARTRAYREQUEST_RESOURCESENTRY']._serialized_end=1130
-  _globals['_STARTRAYREPLY']._serialized_start=1158
-  _globals['_STARTRAYREPLY']._serialized_end=1252
-  _globals['_STOPRAYREQUEST']._serialized_start=1254
-  _globals['_STOPRAYREQUEST']._serialized_end=1270
-  _globals['_STOPRAYREPLY']._serialized_start=1272
-  _globals['_STOPRAYREPLY']._serialized_end=1334
-  _globals['_AGENT']._serialized_start=1337
-  _globals['_AGENT']._serialized_end=1721
+  _globals['_INVENTORYREPLY']._serialized_end=884
+  _globals['_INVENTORYREPLY_VERSIONSENTRY']._serialized_start=837
+  _globals['_INVENTORYREPLY_VERSIONSENTRY']._serialized_end=884
+  _globals['_STARTRAYREQUEST']._serialized_start=887
+  _globals['_STARTRAYREQUEST']._serialized_end=1248
+  _globals['_STARTRAYREQUEST_RESOURCESENTRY']._serialized_start=1174
+  _globals['_STARTRAYREQUEST_RESOURCESENTRY']._serialized_end=1222
+  _globals['_STARTRAYREPLY']._serialized_start=1250
+  _globals['_STARTRAYREPLY']._serialized_end=1344
+  _globals['_STOPRAYREQUEST']._serialized_start=1346
+  _globals['_STOPRAYREQUEST']._serialized_end=1362
+  _globals['_STOPRAYREPLY']._serialized_start=1364
+  _globals['_STOPRAYREPLY']._serialized_end=1426
+  _globals['_ISSUECERTIFICATEREQUEST']._serialized_start=1428
+  _globals['_ISSUECERTIFICATEREQUEST']._serialized_end=1490
+  _globals['_ISSUECERTIFICATEREPLY']._serialized_start=1492
+  _globals['_ISSUECERTIFICATEREPLY']._serialized_end=1560
+  _globals['_AGENT']._serialized_start=1563
+  _globals['_AGENT']._serialized_end=2047
 # @@protoc_insertion_point(module_scope)

@@ -1,7 +1,7 @@
 """Several "PCs" on one Linux machine: network namespaces joined by a bridge (tests, benchmarks).
 
 Each host is a namespace with one veth interface (``lan0``) holding ``198.18.0.N/24`` (the
-benchmarking range, never routed), its own ``$SWARM_HOME`` and Ray temp folder. The bridge
+benchmarking range, never routed) and its own ``$SWARM_HOME`` (Ray's folders go inside). The bridge
 lives in a namespace of its own, so the machine's own network is never touched. Needs root
 and ``ip`` (Debian: iproute2).
 
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+import swarm
 
 SUBNET = "198.18.0"
 PREFIX = "swl"  # namespace names: swl<pid>x<n>-h<i>, swl<pid>x<n>-sw
@@ -105,9 +107,6 @@ class NetLab:
     def home(self, i: int) -> Path:
         return self.root / f"h{i}" / "home"
 
-    def ray_dir(self, i: int) -> Path:
-        return self.root / f"h{i}" / "ray"
-
     def create(self) -> None:
         """Make the bridge namespace and the hosts. On failure, what was made is removed."""
         sweep_stale()
@@ -124,8 +123,7 @@ class NetLab:
                 _ip("-n", switch, "link", "set", f"p{i}", "master", "br0", "up")
                 _ip("-n", host, "addr", "add", f"{self.address(i)}/24", "dev", "lan0")
                 _ip("-n", host, "link", "set", "lan0", "up")
-                self.home(i).mkdir(parents=True, exist_ok=True)
-                self.ray_dir(i).mkdir(parents=True, exist_ok=True)
+                self.home(i).mkdir(parents=True, exist_ok=True, mode=0o700)
         except BaseException:
             self.destroy()
             raise
@@ -136,9 +134,12 @@ class NetLab:
         _ip("-n", name, "link", "set", "lo", "up")
 
     def env(self, i: int, **extra: str) -> dict[str, str]:
-        """Environment for a process of host ``i``: its own state folder and Ray temp folder."""
+        """Environment for a process of host ``i``: its own state folder, and the swarm package
+        this process imported (not whichever one the interpreter would find)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SWARM_"))}
-        env.update(SWARM_HOME=str(self.home(i)), SWARM_RAY_TEMP_DIR=str(self.ray_dir(i)), PYTHONUNBUFFERED="1")
+        source = str(Path(swarm.__file__).resolve().parents[1])
+        env.update(SWARM_HOME=str(self.home(i)), PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join([source, *filter(None, [os.environ.get("PYTHONPATH")])]))
         env.update(extra)
         return env
 
@@ -160,6 +161,34 @@ class NetLab:
     def swarm(self, i: int, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
         """``swarm ARGS`` on host ``i``."""
         return self.run(i, [sys.executable, "-m", "swarm", *args], timeout=timeout, env=env)
+
+    def capture(self, out: Path) -> subprocess.Popen:
+        """Start recording every frame that crosses the bridge into the pcap file ``out``
+        (``tests/lab/wirecap.py``); stop it with ``stop_capture``."""
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", f"{self.tag}-sw", sys.executable, str(Path(__file__).with_name("wirecap.py")), str(out)],
+            env=self.env(0), stdout=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        if proc.stdout.readline().strip() != "capturing":
+            proc.kill()
+            raise RuntimeError(f"the capture did not start (exit status {proc.wait()})")
+        return proc
+
+    @staticmethod
+    def stop_capture(proc: subprocess.Popen) -> str:
+        """Stop a capture; its last line (how many frames it recorded)."""
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        return out.strip()
+
+    def listening(self, i: int) -> list[tuple[str, int]]:
+        """(address, port) of every TCP socket listening inside host ``i``, as the host reports it."""
+        out = _ip("netns", "exec", self.ns(i), "ss", "-tlnH").stdout
+        found = []
+        for line in out.splitlines():
+            address, _, port = line.split()[3].rpartition(":")
+            found.append((address.strip("[]").removeprefix("::ffff:"), int(port)))
+        return sorted(set(found))
 
     def pids(self, i: int) -> list[int]:
         """Processes running inside host ``i``."""

@@ -1,0 +1,130 @@
+"""diloco against replicate and shard on two namespace "PCs" over a capped link: bytes and loss.
+
+Run as root on Linux (needs `ip` and `tc`, Debian's iproute2):
+    python tests/bench/bench_diloco.py [--rates 100mbit,20mbit] [--steps 64] [--hidden 256]
+
+One lab (configs/cluster-lab.yaml: a head that only coordinates, two worker hosts) is
+brought up. For each link rate (a token bucket on every host's link) the same tiny QLoRA job,
+the same tokens, runs sharded (ZeRO-3 across the hosts), replicated (ZeRO-2 across them), and
+with diloco exchanging adapters every H = 1, 8 and 32 steps. It prints, per run, the bytes
+each worker's PC sent per step and the seconds per step (means over the steps, exchanges
+included in full), tokens/s, the final train loss and the eval loss, then the
+byte ratios at H=8 and the eval loss against replicate's. It prints figures; it does not pass
+or fail on them. Both worker hosts share this machine's cores: compare bytes and loss, not
+speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # lab: the network-namespace hosts
+sys.path.insert(0, str(REPO / "tests" / "bench"))
+
+from bench_swarm_train import CONFIG, DEMO_TEXT, job_file  # noqa: E402
+from bench_up import wait_healthy  # noqa: E402
+
+from lab.netlab import NetLab  # noqa: E402
+
+RUNS = [("shard", {"strategy": "shard"}), ("replicate", {"strategy": "replicate"})] + [
+    (f"diloco H={h}", {"strategy": "diloco", "sync_every": h}) for h in (1, 8, 32)]
+
+
+def cap(lab: NetLab, rate: str) -> None:
+    """Cap every host's outgoing link with a token bucket (replacing an earlier cap)."""
+    for host in (1, 2, 3):
+        lab.run(host, ["tc", "qdisc", "del", "dev", "lan0", "root"])
+        r = lab.run(host, ["tc", "qdisc", "add", "dev", "lan0", "root", "tbf", "rate", rate, "burst", "64kb",
+                           "latency", "100ms"])
+        if r.returncode != 0:
+            raise SystemExit(f"tc failed on host {host}: {r.stderr}")
+
+
+def measure(lab: NetLab, job: Path) -> dict:
+    result = lab.swarm(1, "train", str(job), timeout=3600)
+    if result.returncode != 0:
+        raise SystemExit(f"swarm train failed:\n{result.stderr[-4000:]}")
+    run_dir = Path(result.stdout.strip().splitlines()[-1].removeprefix("run: "))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first = 3  # the first steps include warm-up work
+    steps = [r for r in rows if "loss" in r and r["step"] >= first]
+    syncs = [r for r in rows if "sync_bytes" in r and r["step"] >= first]
+    summary = json.loads((run_dir / "run.json").read_text())
+    # An exchange runs after its step's figures: add its bytes and seconds to the steps'.
+    sent = sum(r["sent_bytes_per_worker"] for r in steps) + sum(r["sync_sent_bytes"] for r in syncs)
+    seconds = sum(r["step_time_s"] for r in steps) + sum(r["sync_seconds"] for r in syncs)
+    return {
+        "sent_bytes": sent / len(steps), "step_s": seconds / len(steps),
+        "tokens_per_s": sum(r["tokens"] for r in steps) / seconds,
+        "loss": summary["train_loss"], "eval_loss": summary["eval_loss"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", default="100mbit,20mbit")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--keep", action="store_true", help="keep the runs' folders (printed)")
+    parser.add_argument("--only", help="run only these, e.g. 'replicate,diloco H=8'")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the lab makes network namespaces")
+    from swarm.tiny import make_tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench-diloco-"))
+    print(f"runs in {work}")
+    model = make_tiny_model(work / "tiny-llama", [DEMO_TEXT], hidden=args.hidden, layers=args.layers)
+    print(f"tiny Llama (hidden {args.hidden}, {args.layers} layers), QLoRA r16, seq 128, micro-batch 2, "
+          f"{args.steps} steps per run, CPU offload where the strategy allows; {os.cpu_count()} CPUs")
+    table = []
+    with NetLab(3) as lab:
+        lab.swarm(1, "init")
+        for host in (2, 3):
+            shutil.copy2(lab.home(1) / "secret", lab.home(host) / "secret")
+        for host in (1, 2, 3):
+            lab.popen(host, [sys.executable, "-m", "swarm", "agent", "--listen", f"{lab.address(host)}:7077"],
+                      lab.root / f"agent-h{host}.log")
+        for host in (1, 2, 3):
+            wait_healthy(lab, host)
+        up = lab.swarm(1, "up", str(CONFIG), timeout=600)
+        if up.returncode != 0:
+            raise SystemExit(f"swarm up failed:\n{up.stdout}\n{up.stderr}")
+        for rate in args.rates.split(","):
+            cap(lab, rate)
+            for name, train in RUNS:
+                if args.only and name not in args.only.split(","):
+                    continue
+                r = {"rate": rate, "run": name, **measure(lab, job_file(work, model, args.steps, **train))}
+                table.append(r)
+                print(f"  {rate:8s} {name:12s} sent {r['sent_bytes'] / 1e3:9.1f} kB/step, step {r['step_s']:.2f} s, "
+                      f"{r['tokens_per_s']:.0f} tok/s, loss {r['loss']:.3f}, eval {r['eval_loss']:.3f}", flush=True)
+        lab.swarm(1, "down", timeout=300)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print("\n| link | run | sent per step per worker (kB) | mean step (s) | tokens/s | train loss | eval loss |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in table:
+        print(f"| {r['rate']} | {r['run']} | {r['sent_bytes'] / 1e3:.1f} | {r['step_s']:.2f} | "
+              f"{r['tokens_per_s']:.0f} | {r['loss']:.3f} | {r['eval_loss']:.3f} |")
+    for rate in [] if args.only else args.rates.split(","):
+        by = {r["run"]: r for r in table if r["rate"] == rate}
+        h8 = by["diloco H=8"]
+        print(f"\n{rate}: at H=8, {by['replicate']['sent_bytes'] / h8['sent_bytes']:.0f}x fewer bytes per step than "
+              f"replicate, {by['shard']['sent_bytes'] / h8['sent_bytes']:.0f}x fewer than shard; eval loss "
+              f"{h8['eval_loss'] / by['replicate']['eval_loss'] - 1:+.1%} against replicate's")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""The diloco exchange with real DeepSpeed engines in real processes: two "PCs" of one or two
+workers each (gloo on this machine), ZeRO-2 and ZeRO-3 kept inside each PC by the run's
+``mpu``, trained on different data, then one exchange.
+
+With outer lr 1 and no momentum every PC must end with exactly the token-weighted mean of
+the PCs' adapters; with DiLoCo's defaults, with the Nesterov step computed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+WORKER = r'''
+import json, os, sys
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import torch, torch.distributed as dist, deepspeed
+from deepspeed.utils import safe_get_full_fp32_param
+from swarm.train.diloco import Exchange, PcGroups
+
+rank, world, stage, lr, momentum, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
+addresses = json.loads(sys.argv[7])
+dist.init_process_group("gloo", rank=rank, world_size=world)
+deepspeed.init_distributed(dist_backend="gloo")
+groups = PcGroups.build(addresses, rank)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 300), torch.nn.Linear(300, 4))
+config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+          "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 100},
+          "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "torch_adam": True}}, "steps_per_print": 10**9}
+engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config,
+                                  mpu=groups.mpu())
+named = list(model.named_parameters())
+exchange = Exchange(engine, named, groups, lr, momentum)
+start = exchange.global_flat.clone()
+torch.manual_seed(100 + groups.pc)  # each PC its own data
+# PCs step in lockstep, as in swarm's loop (ZeRO-3 makes a check across all ranks after its
+# first step); the second PC is told it trained twice the tokens, as a faster PC would.
+steps = 2
+for _ in range(steps):
+    x = torch.randn(1, 8)
+    loss = engine(x).pow(2).sum()
+    engine.backward(loss)
+    engine.step()
+local = torch.cat([safe_get_full_fp32_param(p).detach().flatten() for _, p in named])
+tokens = 10.0 * (1 + groups.pc)
+pc_tokens = torch.tensor([tokens])
+figures = exchange.sync(tokens if groups.is_leader else 0.0)
+after = torch.cat([safe_get_full_fp32_param(p).detach().flatten() for _, p in named])
+if stage == 3:
+    with deepspeed.zero.GatheredParameters([p for _, p in named]):
+        computed = torch.cat([p.detach().flatten().clone() for _, p in named])
+else:
+    computed = torch.cat([p.detach().flatten().clone() for _, p in named])
+torch.save({"start": start, "local": local, "after": after, "computed": computed, "tokens": tokens,
+            "pc": groups.pc, "leader": groups.is_leader, "sent": figures.bytes_sent}, f"{out}/rank{rank}.pt")
+dist.barrier()
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(tmp_path: Path, addresses: list[str], stage: int, lr: float, momentum: float) -> list[dict]:
+    import subprocess
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    world = len(addresses)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(stage), str(lr), str(momentum),
+                               str(tmp_path), json.dumps(addresses)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_plain_averaging_gives_every_pc_the_token_weighted_mean(tmp_path, stage):
+    # Two PCs: the first with one worker, the second with two (ZeRO inside it).
+    ranks = run_ranks(tmp_path, ["10.0.0.1", "10.0.0.2", "10.0.0.2"], stage, lr=1.0, momentum=0.0)
+    leaders = {r["pc"]: r for r in ranks if r["leader"]}
+    weights = {pc: r["tokens"] / sum(x["tokens"] for x in leaders.values()) for pc, r in leaders.items()}
+    mean = sum(weights[pc] * r["local"] for pc, r in leaders.items())
+    assert not torch.allclose(leaders[0]["local"], leaders[1]["local"])  # the PCs did train apart
+    for r in ranks:
+        # bf16 pseudo-gradients: the mean to bf16 precision of the deltas.
+        assert torch.allclose(r["after"], mean, atol=2e-3, rtol=0), (r["after"] - mean).abs().max()
+        assert torch.equal(r["after"], ranks[0]["after"])  # every worker of every PC: one adapter
+        assert torch.allclose(r["computed"], r["after"])  # the weights the model computes with too
+    payload = mean.numel() * 2  # bf16
+    assert leaders[0]["sent"] == payload  # ring all-reduce of two: 2 (n-1)/n of the payload
+
+
+def test_the_outer_step_is_nesterov_sgd_on_the_mean_pseudo_gradient(tmp_path):
+    lr, momentum = 0.7, 0.9
+    ranks = run_ranks(tmp_path, ["10.0.0.1", "10.0.0.2"], 3, lr=lr, momentum=momentum)
+    weights = [r["tokens"] / sum(x["tokens"] for x in ranks) for r in ranks]
+    delta = sum(w * (r["start"] - r["local"]) for w, r in zip(weights, ranks))
+    buf = delta  # momentum starts at zero
+    expected = ranks[0]["start"] - lr * (delta + momentum * buf)
+    for r in ranks:
+        assert torch.allclose(r["after"], expected, atol=3e-3, rtol=0)
+        assert torch.equal(r["after"], ranks[0]["after"])
