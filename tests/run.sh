@@ -25,7 +25,7 @@ python -m pip install -q -c launcher/constraints.txt torch
 # The gguf extra builds llama-cpp-python from source (minutes, once: pip keeps the wheel).
 # GGML_NATIVE=OFF: a build for any x86-64 CPU with AVX2, not for this one's extensions, so
 # llama.cpp computes the same on every machine the tests run on.
-CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" python -m pip install -q -c launcher/constraints.txt -e ".[test,gguf]"
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" python -m pip install -q -c launcher/constraints.txt -e ".[test,gguf,trackers]"
 # llama.cpp's converters ship in llama-cpp-python's source only; fetched once into ~/.cache/swarm.
 python -m swarm.export.llama_cpp
 

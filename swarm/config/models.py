@@ -43,12 +43,75 @@ class LoraSection(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     # "all-linear" is peft's shorthand for every linear layer except the output head.
     targets: list[str] | Literal["all-linear"] = "all-linear"
+    use_dora: bool = Field(False, description="DoRA (peft): a learned magnitude per output row beside LoRA.")
+    use_rslora: bool = Field(False, description="rsLoRA (peft): scale alpha / sqrt(r) instead of alpha / r.")
+
+
+# The fields each data format reads from a record; data.columns may rename any of them.
+FORMAT_FIELDS = {
+    "text": ("text",),
+    "instruction": ("instruction", "input", "output"),
+    "chat": ("messages",),
+    "sharegpt": ("conversations",),
+    "preference": ("prompt", "chosen", "rejected"),
+}
+HUB_PREFIX = "hf:"
+
+
+class DataSource(Section):
+    """One data set: a local path or a Hugging Face Hub id, with the part of it to read.
+
+    A plain string in ``data.files`` is the short form: a local path, or ``hf:ORG/NAME``.
+    """
+
+    path: str | None = Field(None, description="Local file, save_to_disk folder or .arrow file.")
+    hub: str | None = Field(None, description="Hugging Face data set ORG/NAME (offline: from the local cache).")
+    config: str | None = Field(None, description="Configuration (subset) of a Hub data set.")
+    split: str | None = Field(None, description="Split to read; default train (or the only one).")
+    revision: str | None = Field(None, description="Commit of a Hub data set.")
+
+    @model_validator(mode="after")
+    def _one_place(self) -> "DataSource":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("a data source has either path (a local file or folder) or hub (ORG/NAME), not both")
+        if self.path is not None and (self.config or self.revision):
+            raise ValueError(f"config and revision belong to Hub data sets (hub: ORG/NAME), not to path {self.path}")
+        if self.hub is not None and self.hub.count("/") != 1:
+            raise ValueError(f"hub {self.hub!r} is not a Hugging Face data set id of the form ORG/NAME")
+        return self
+
+    @property
+    def label(self) -> str:
+        """How messages and the model card name this source."""
+        if self.path is not None:
+            return self.path
+        extras = [f"{k}={v}" for k, v in (("config", self.config), ("split", self.split),
+                                          ("revision", self.revision)) if v]
+        return HUB_PREFIX + self.hub + (f" ({', '.join(extras)})" if extras else "")
+
+
+def data_source(entry: "str | DataSource") -> DataSource:
+    """The ``DataSource`` an entry of ``data.files`` stands for."""
+    if isinstance(entry, DataSource):
+        return entry
+    if entry.startswith(HUB_PREFIX):
+        return DataSource(hub=entry.removeprefix(HUB_PREFIX))
+    return DataSource(path=entry)
 
 
 class DataSection(Section):
-    files: list[str] = Field(min_length=1)
-    format: Literal["text", "instruction", "chat"] = "text"
+    files: list[str | DataSource] = Field(min_length=1)
+    format: Literal["text", "instruction", "chat", "sharegpt", "preference"] = "text"
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="The format's field -> the column that holds it, e.g. {instruction: prompt, output: response}.",
+    )
     seq_len: int = Field(512, ge=1)
+    isolate_examples: bool | Literal["auto"] = Field(
+        "auto",
+        description="Examples packed into one block attend only to themselves (positions restart per example); "
+        "auto: on for instruction, chat and sharegpt, off for text.",
+    )
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     skip_bad_records: bool = False
     seed: int = 0
@@ -56,10 +119,53 @@ class DataSection(Section):
     @field_validator("files", mode="before")
     @classmethod
     def _single_file(cls, value):
-        return [value] if isinstance(value, str) else value
+        return [value] if isinstance(value, str | dict) else value
+
+    @field_validator("files")
+    @classmethod
+    def _hub_ids(cls, value):
+        for entry in value:
+            if isinstance(entry, str) and entry.startswith(HUB_PREFIX) and entry.count("/") != 1:
+                raise ValueError(f"{entry!r} is not a Hugging Face data set of the form hf:ORG/NAME")
+        return value
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> "DataSection":
+        unknown = sorted(set(self.columns) - set(FORMAT_FIELDS[self.format]))
+        if unknown:
+            raise ValueError(
+                f"data.columns names {', '.join(unknown)}, which format '{self.format}' does not read; "
+                f"it reads {', '.join(FORMAT_FIELDS[self.format])}"
+            )
+        return self
+
+    @property
+    def sources(self) -> list[DataSource]:
+        """Every entry of ``files`` in its long form."""
+        return [data_source(entry) for entry in self.files]
+
+    @property
+    def labels(self) -> list[str]:
+        """How messages, run names and the model card name each entry of ``files``."""
+        return [entry if isinstance(entry, str) else entry.label for entry in self.files]
+
+    @property
+    def isolates(self) -> bool:
+        """Whether packed examples are kept apart (``isolate_examples`` resolved)."""
+        if self.isolate_examples == "auto":
+            return self.format != "text"
+        return self.isolate_examples
 
 
 class TrainSection(Section):
+    method: Literal["sft", "dpo", "orpo"] = Field(
+        "sft",
+        description="sft: next-token loss on the labelled tokens; dpo: direct preference optimisation against "
+        "the base with the adapter off; orpo: odds-ratio preference optimisation (no reference). dpo and orpo "
+        "need data.format preference.",
+    )
+    beta: float = Field(0.1, gt=0, description="dpo: strength of the pull towards the reference; orpo: weight of "
+                        "the odds-ratio term (lambda).")
     max_steps: int = Field(100, ge=1, le=100_000_000)
     # Upper bounds far beyond any card, so that a typo fails at once instead of planning a
     # step of a billion blocks.
@@ -130,6 +236,23 @@ class OffloadSection(Section):
     nvme_path: str | None = None
 
 
+class LogSection(Section):
+    """Where metrics go besides RUN/metrics.jsonl (each an optional extra: swarm-train[trackers])."""
+
+    to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="tensorboard: event files in RUN/tensorboard; wandb: Weights & Biases (WANDB_MODE=offline "
+        "writes RUN/wandb only); mlflow: MLflow, by default a local store in RUN/mlruns.",
+    )
+    project: str = Field("swarm", min_length=1, description="W&B project and MLflow experiment.")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else RUN/mlruns.")
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _single_tracker(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
 class OutputSection(Section):
     dir: str = "runs"
     name: str | None = None
@@ -150,6 +273,7 @@ class JobConfig(Section):
     train: TrainSection = TrainSection()
     offload: OffloadSection = OffloadSection()
     output: OutputSection = OutputSection()
+    log: LogSection = LogSection()
     ray: RaySection = RaySection()
 
     @model_validator(mode="after")
@@ -165,6 +289,12 @@ class JobConfig(Section):
             raise ValueError(
                 f"train.min_workers={self.train.min_workers} is above train.workers={self.train.workers}; "
                 "lower min_workers or raise workers"
+            )
+        preference_method = self.train.method in ("dpo", "orpo")
+        if preference_method != (self.data.format == "preference"):
+            raise ValueError(
+                f"train.method={self.train.method} with data.format={self.data.format}: preference data trains "
+                "with train.method dpo or orpo, and dpo and orpo need data.format preference; change one of them"
             )
         if self.offload.optimizer in ("cpu", "nvme") and self.train.optimizer != "adamw":
             raise ValueError(

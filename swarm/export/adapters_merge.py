@@ -91,7 +91,7 @@ def read_source(folder: str | Path) -> MergeSource:
             "trust_remote_code": model.trust_remote_code}
     training = {"bits": q.bits, "quant_type": q.quant_type, "double_quant": q.double_quant, "precision": run.precision}
     info = run.info
-    summary = {"data": [Path(f).name for f in run.job.data.files], "steps": info.get("steps"),
+    summary = {"data": [s.hub or Path(s.path).name for s in run.job.data.sources], "steps": info.get("steps"),
                "train_loss": info.get("train_loss"), "eval_loss": info.get("eval_loss")}
     tokenizer = run.dir / "tokenizer"
     name = info.get("name") or run.job.output.name or run.dir.name

@@ -63,11 +63,13 @@ def render_card(
         **license_meta,
         "pipeline_tag": "text-generation",
         "tags": ["swarm", method.lower(), *(["lora", "bitsandbytes"] if qlora else []), "deepspeed"]
+        + ([job.train.method] if job.train.method != "sft" else []) + (["dora"] if job.lora.use_dora else [])
         + (["peft", f"base_model:adapter:{base_ref}"] if kind == "adapter" else [])
         + (["gguf", "llama.cpp", "ollama"] if kind == "gguf" else []),
-        "datasets": list(dict.fromkeys(file_stem(f) for f in job.data.files)),
+        # A Hub data set by its id (the Hub links it); a local file by its stem.
+        "datasets": list(dict.fromkeys(s.hub or file_stem(s.path) for s in job.data.sources)),
     }
-    files = ", ".join(f"`{Path(f).name}`" for f in job.data.files)
+    files = ", ".join(f"`{s.hub or Path(s.path).name}`" for s in job.data.sources)
     what = {
         "adapter": f"A {method} adapter for `{base_ref}`",
         "merged": f"`{base_ref}` with a {method} adapter merged into its weights ({dtype})",
@@ -112,6 +114,13 @@ def front_matter(text: str) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+OBJECTIVES = {
+    "sft": "supervised fine-tuning: next-token loss on the target tokens",
+    "dpo": "DPO on preference pairs (beta {beta:g}; reference: the base with the adapter off)",
+    "orpo": "ORPO on preference pairs (odds-ratio weight {beta:g})",
+}
+
+
 def _training(run: RunRecord, qlora: bool) -> str:
     job, info = run.job, run.info
     q, lora = job.quantization, job.lora
@@ -120,10 +129,12 @@ def _training(run: RunRecord, qlora: bool) -> str:
     offload_optimizer = strategy.get("offload_optimizer", job.offload.optimizer)
     rows = [
         ("Method", f"{'QLoRA: frozen 4-bit base' if qlora else 'LoRA: frozen base'}, trained LoRA adapters"),
+        ("Objective", OBJECTIVES[job.train.method].format(beta=job.train.beta)),
         ("Quantization", f"4-bit {q.quant_type}, double quantization {'on' if q.double_quant else 'off'} (bitsandbytes)"
          if qlora else "none"),
         ("LoRA", f"r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}, targets: "
-         + (lora.targets if isinstance(lora.targets, str) else ", ".join(lora.targets))),
+         + (lora.targets if isinstance(lora.targets, str) else ", ".join(lora.targets))
+         + "".join(f", {name}" for name, on in (("DoRA", lora.use_dora), ("rsLoRA", lora.use_rslora)) if on)),
         ("Strategy", f"{strategy.get('name', MISSING)}, DeepSpeed ZeRO stage {strategy.get('zero_stage', 3)}"),
         ("Offload", f"parameters: {offload_params}, optimizer state: {offload_optimizer}"),
         ("Precision", info.get("precision", job.train.precision)),
@@ -154,7 +165,7 @@ def _merging(qlora: bool, job, dtype: str | None, kind: str) -> str:
 
 def _data(run: RunRecord) -> str:
     data = run.info.get("data") or {}
-    files = data.get("files") or run.job.data.files
+    files = data.get("files") or run.job.data.labels
     rows = [
         ("Files", ", ".join(f"`{f}`" for f in files)),
         ("Format", data.get("format", run.job.data.format)),

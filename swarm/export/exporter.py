@@ -121,6 +121,10 @@ def export_run(
     for target in [adapter_out, *([merged_out] if merge else []), *([gguf_out] if wants_gguf else [])]:
         check_replaceable(target)
     # Everything that can refuse comes before the first folder is written.
+    if gguf_adapter is not None:
+        from swarm.export.gguf import check_adapter_convertible
+
+        check_adapter_convertible(adapter_src)
     converter = _converter(llama_cpp_dir, gguf) if wants_gguf else None
     model = run.job.model
     if merge or wants_gguf:

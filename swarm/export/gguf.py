@@ -10,6 +10,7 @@ users who keep the base GGUF they already have (``llama-cli -m BASE.gguf --lora 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,13 @@ def write_model_ggufs(
             if lossless not in written:
                 source.unlink(missing_ok=True)
     return [written[t] for t in types]
+
+
+def check_adapter_convertible(adapter_dir: Path) -> None:
+    """Refuse, before anything is written, an adapter a GGUF LoRA cannot hold (DoRA's magnitudes)."""
+    if json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("use_dora"):
+        raise UserError("--gguf-adapter: a DoRA adapter has no GGUF LoRA form (llama.cpp adds only B @ A to "
+                        "the base); export the merged model instead: --merge --gguf")
 
 
 def write_adapter_gguf(

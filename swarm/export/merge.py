@@ -4,6 +4,11 @@ The merged weight of a layer is what the layer computed during training, as one 
 
     W_merged = W_seen + scale * B @ A        scale = alpha / r  (alpha / sqrt(r) with rsLoRA)
 
+and with DoRA (Liu et al., arXiv:2402.09353, eq. 5; peft's ``DoraLinearVariant.merge_safe``),
+each output row rescaled to the learned magnitude ``m``::
+
+    W_merged = m / ||W_seen + scale * B @ A||_row * (W_seen + scale * B @ A)
+
 ``W_seen`` is the base weight as training saw it. The trainer loads the base with
 ``dtype`` = the run's precision, so every floating tensor is first cast to that dtype; for a
 QLoRA run, the linear layers bitsandbytes quantized (every ``nn.Linear`` transformers
@@ -40,6 +45,7 @@ from swarm.errors import UserError
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BLOCKSIZE = 64  # bitsandbytes' Params4bit default, the one transformers quantizes with
 _LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+_MAGNITUDE_KEY = re.compile(r"base_model\.model\.(.+)\.lora_magnitude_vector(?:\.weight)?")
 
 
 def parse_size(text: str | int) -> int:
@@ -121,7 +127,7 @@ def merge_adapter(
                         if module in quantized:
                             tensor = _roundtrip_4bit(tensor, quant_type, double_quant, quantized[module])
                         if module in lora:
-                            tensor = tensor.float() + _delta(module, *lora[module], adapter_config)
+                            tensor = _merged(tensor.float(), module, lora[module], adapter_config)
                         tensor = tensor.to(out_dtype)
                     writer.add(key, tensor)
                     advance()
@@ -137,11 +143,12 @@ def merge_adapter(
     return files
 
 
-def read_lora(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
-    """The LoRA pairs of a peft adapter folder, by base module name, and its adapter_config.
+def read_lora(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, ...]], dict]:
+    """The LoRA pairs of a peft adapter folder by base module name (with DoRA's magnitude
+    vector as a third tensor), and its adapter_config.
 
     Raises:
-        UserError: the adapter is not plain LoRA (DoRA, trained biases, extra saved modules).
+        UserError: the adapter is not LoRA or DoRA (trained biases, extra saved modules).
     """
     from safetensors.torch import load_file
 
@@ -149,7 +156,6 @@ def read_lora(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Te
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     unsupported = {
         "peft_type is not LORA": config.get("peft_type", "LORA") != "LORA",
-        "it uses DoRA": config.get("use_dora"),
         "it trains biases": config.get("bias", "none") != "none" or config.get("lora_bias"),
         "it saves whole modules (modules_to_save)": config.get("modules_to_save"),
         "it trains token embeddings": config.get("trainable_token_indices"),
@@ -161,17 +167,33 @@ def read_lora(adapter_dir: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Te
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
         match = _LORA_KEY.fullmatch(key)
+        magnitude = _MAGNITUDE_KEY.fullmatch(key) if config.get("use_dora") else None
+        if magnitude:
+            halves.setdefault(magnitude.group(1), {})["m"] = tensor
+            continue
         if not match:
             raise UserError(
                 f"adapter {adapter_dir} holds {key}, which is not a LoRA A/B weight; export it without --merge"
             )
         halves.setdefault(match.group(1), {})[match.group(2)] = tensor
     pairs = {}
+    wanted = {"A", "B", "m"} if config.get("use_dora") else {"A", "B"}
     for module, half in halves.items():
-        if set(half) != {"A", "B"}:
-            raise UserError(f"adapter {adapter_dir} has only one of lora_A/lora_B for {module}")
-        pairs[module] = (half["A"], half["B"])
+        if set(half) != wanted:
+            raise UserError(f"adapter {adapter_dir} lacks {', '.join(sorted(wanted - set(half)))} for {module}")
+        pairs[module] = (half["A"], half["B"], *((half["m"],) if "m" in half else ()))
     return pairs, config
+
+
+def _merged(weight: torch.Tensor, module: str, tensors: tuple[torch.Tensor, ...], config: dict) -> torch.Tensor:
+    """``weight`` (fp32, as training saw it) with the module's LoRA (and DoRA magnitude) folded in."""
+    summed = weight + _delta(module, tensors[0], tensors[1], config)
+    if len(tensors) == 2:
+        return summed
+    # The norm runs over each output row; GPT-2 style Conv1D weights are stored (in, out).
+    rows = summed.T if config.get("fan_in_fan_out") else summed
+    scaled = rows * (tensors[2].float() / torch.linalg.norm(rows, dim=1)).view(-1, 1)
+    return scaled.T if config.get("fan_in_fan_out") else scaled
 
 
 def _delta(module: str, a: torch.Tensor, b: torch.Tensor, config: dict) -> torch.Tensor:

@@ -15,8 +15,9 @@ A generated name has five fixed parts joined by hyphens::
 - ``dataset``: the stem of the first data file with its data extensions removed
   (``alpaca.jsonl.gz`` gives ``alpaca``, ``v1.2.json`` gives ``v1.2``), shard counters dropped (``train-00000-of-00004``
   gives ``train``); a generic stem (``train``, ``data``, ``test``, ...) is replaced by the name
-  of the file's folder (``dolly/train.jsonl`` gives ``dolly``). Several files with different
-  stems add ``-mix`` (``alpaca-mix``).
+  of the file's folder (``dolly/train.jsonl`` gives ``dolly``); a Hugging Face data set gives
+  its name (``hf:tatsu-lab/alpaca`` gives ``alpaca``). Several files with different stems add
+  ``-mix`` (``alpaca-mix``).
 - ``r{rank}``: the LoRA rank, ``lora.r``.
 - ``yyyymmdd``: the date the run started.
 
@@ -100,7 +101,9 @@ def dataset_part(files: list[str]) -> str:
 
 
 def file_stem(file: str) -> str:
-    """The slugged stem of one data file, as described in the module docstring."""
+    """The slugged stem of one data file (or ``hf:ORG/NAME`` data set), as described in the module docstring."""
+    if file.startswith("hf:"):  # a Hub data set: its name, without the organisation
+        return slugify(file.removeprefix("hf:").split(" ")[0].split("/")[-1]) or "data"
     path = PurePath(file.replace("\\", "/"))
     name = path.name
     # Remove extensions one by one ("x.jsonl.gz"), but keep dots that belong to the name ("v1.2").
@@ -125,7 +128,7 @@ def run_name(job, date: dt.date | dt.datetime | None = None) -> str:
     date = date or dt.date.today()
     method = "qlora" if job.quantization.bits == 4 else "lora"
     base = base_model_part(job.model.path)
-    dataset = dataset_part(job.data.files)
+    dataset = dataset_part(job.data.labels)
     tail = f"-r{job.lora.r}-{date:%Y%m%d}"
     room = MAX_LENGTH - len(tail) - len(method) - 2  # two hyphens around the method
     # Shorten the dataset to at most a third of the room only when both do not fit, then

@@ -199,7 +199,7 @@ class Plan:
 
 def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placement | None = None,
               workers_per_node: list[int] | None = None, link_gbps: float | None = None,
-              overheads: mem.Overheads = mem.OVERHEADS, head: bool = True) -> Plan:
+              overheads: mem.Overheads = mem.OVERHEADS, head: bool = True, data_tokens: int = 0) -> Plan:
     """Place the workers, size every allowed strategy on every node, choose the fastest that fits.
 
     Args:
@@ -213,6 +213,8 @@ def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placemen
         overheads: fixed costs (calibration sets these).
         head: the first node runs the Ray head and the driver (False for the other PCs of
             a ``diloco`` run, each planned on its own).
+        data_tokens: tokens of the prepared data, which the driver holds while preparing
+            them (0: not known, as for ``swarm plan``).
 
     Raises:
         UserError: no nodes, a job whose settings exclude every strategy, a placement the
@@ -229,7 +231,7 @@ def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placemen
     world = sum(per_node)
     precision = plan_precision(job, nodes, placement.use_gpu)
     shape = load_shape(job.model.path)
-    work = workload_from_job(job, 4 if precision == "fp32" else 2)
+    work = workload_from_job(job, 4 if precision == "fp32" else 2, data_tokens)
     shape.lora_groups(work.lora_targets)  # raises a UserError for a target the model lacks
     knobs = mem.choose_knobs(shape, work, world)
     samples = job.train.micro_batch * job.train.grad_accum
@@ -252,7 +254,8 @@ def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placemen
         candidates.append(attempt)
     pcs, sync = (), None
     if job.train.strategy == "diloco" or (job.train.strategy == "auto" and len(nodes) > 1):
-        pcs = tuple(diloco.pc_plans(job, nodes, per_node, placement.use_gpu, precision, overheads))
+        pcs = tuple(diloco.pc_plans(job, nodes, per_node, placement.use_gpu, precision, overheads,
+                                      data_tokens))
         sync = diloco.sync_plan(job, shape.lora_params(work.lora_targets, work.lora_r), len(nodes),
                                 max(p.step_seconds for p in pcs), link_gbps)
         figures = tuple(replace(p.nodes[0], step=diloco.with_exchange(p.nodes[0].step, sync)) for p in pcs)
@@ -273,6 +276,11 @@ def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placemen
                   f"{chosen.problem}")
     if precision == "fp16":
         notes.append("a GPU without bf16 (Turing or older) makes the whole job train in fp16")
+    stored = overheads.stored_bytes_per_token * data_tokens
+    if placement.mode == "local" and stored > work.object_store_bytes:  # a swarm's store is sized by `swarm up`
+        notes.append(f"the prepared data (about {stored / 2**20:,.0f} MiB) is larger than Ray's object store "
+                     f"({work.object_store_bytes / 2**20:,.0f} MiB, ray.object_store_mb): Ray spills it to disk and "
+                     "the workers read it back from there")
     chose_diloco = chosen.strategy.diloco
     if chose_diloco:
         notes.append(diloco.describe(sync))
@@ -317,7 +325,8 @@ def allowed_strategies(job: JobConfig) -> list[mem.Strategy]:
 
     ``train.strategy`` picks the kind (``auto``: both); ``offload.params`` and
     ``offload.optimizer`` pick the offload targets (``auto``: any, NVMe only when
-    ``offload.nvme_path`` names a folder); only AdamW runs off the device (DeepSpeed's CPU Adam).
+    ``offload.nvme_path`` names a folder); only AdamW runs off the device (DeepSpeed's CPU Adam);
+    DoRA on a 4-bit base runs only without ZeRO-3.
 
     Raises:
         UserError: the settings exclude every strategy.
@@ -336,7 +345,10 @@ def allowed_strategies(job: JobConfig) -> list[mem.Strategy]:
         s for s in mem.STRATEGIES
         if s.kind in kinds and allows(offload.params, s.offload_params) and allows(offload.optimizer, s.offload_optimizer)
         and (s.offload_optimizer == "none" or train.optimizer == "adamw")
+        and not (s.zero_stage == 3 and dora_needs_whole_4bit_weights(job))
     ]
+    if not allowed and dora_needs_whole_4bit_weights(job):
+        raise UserError(DORA_ZERO3)
     if not allowed:
         raise UserError(
             f"train.strategy={train.strategy} keeps the whole 4-bit base on every worker and offloads only the "
@@ -344,6 +356,18 @@ def allowed_strategies(job: JobConfig) -> list[mem.Strategy]:
             f"offload.optimizer={offload.optimizer}; use train.strategy=shard or change the offload settings"
         )
     return allowed
+
+
+DORA_ZERO3 = (
+    "lora.use_dora with a 4-bit base cannot train under ZeRO-3 (train.strategy=shard, or offload.params cpu or "
+    "nvme): peft's DoRA reads each whole 4-bit weight, which ZeRO-3 keeps partitioned; use train.strategy=replicate "
+    "with offload.params=none, quantization.bits=none, or lora.use_dora=false"
+)
+
+
+def dora_needs_whole_4bit_weights(job: JobConfig) -> bool:
+    """DoRA on a 4-bit base: peft dequantizes every whole weight, which ZeRO-3 partitions (tested: it fails)."""
+    return job.lora.use_dora and job.quantization.bits == 4
 
 
 def strategy_reason(job: JobConfig, chosen: Candidate, candidates: list[Candidate], world: int) -> str:
@@ -365,8 +389,9 @@ def _seconds(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
 
 
-def workload_from_job(job: JobConfig, compute_bytes: int = 2) -> mem.Workload:
+def workload_from_job(job: JobConfig, compute_bytes: int = 2, data_tokens: int = 0) -> mem.Workload:
     """The planner's view of a job: shapes of the work, not file names."""
+    preference = job.train.method in ("dpo", "orpo")
     targets = job.lora.targets if job.lora.targets == "all-linear" else tuple(job.lora.targets)
     return mem.Workload(
         seq_len=job.data.seq_len, micro_batch=job.train.micro_batch,
@@ -374,6 +399,8 @@ def workload_from_job(job: JobConfig, compute_bytes: int = 2) -> mem.Workload:
         bits=job.quantization.bits, double_quant=job.quantization.double_quant, optimizer=job.train.optimizer,
         compute_bytes=compute_bytes, eager_attention=job.model.attention == "eager",
         object_store_bytes=job.ray.object_store_mb * 1024**2,
+        sequences=2 if preference else 1, reference_passes=int(job.train.method == "dpo"),
+        dora=job.lora.use_dora, data_tokens=data_tokens,
     )
 
 

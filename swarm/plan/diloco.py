@@ -77,9 +77,10 @@ def pc_job(job: JobConfig, precision: str, micro_batch: int | None = None) -> Jo
 
 
 def pc_plans(job: JobConfig, nodes: list[NodeInventory], per_node: list[int], use_gpu: bool, precision: str,
-             overheads: mem.Overheads) -> list:
+             overheads: mem.Overheads, data_tokens: int = 0) -> list:
     """Each PC's own plan, all at one micro-batch (the smallest any PC needs), so that the
-    data order gives every worker a disjoint share of the same size."""
+    data order gives every worker a disjoint share of the same size. The first PC holds the
+    driver and so the prepared data (``data_tokens``)."""
     from swarm.plan.decide import make_plan
     from swarm.plan.placement import Placement
 
@@ -87,7 +88,7 @@ def pc_plans(job: JobConfig, nodes: list[NodeInventory], per_node: list[int], us
         n = per_node[i]
         placement = Placement("local", n, n, use_gpu, n)
         return make_plan(pc_job(job, precision, micro_batch), [nodes[i]], placement=placement, workers_per_node=[n],
-                         overheads=overheads, head=i == 0)
+                         overheads=overheads, head=i == 0, data_tokens=data_tokens if i == 0 else 0)
 
     plans = [plan_pc(i, None) for i in range(len(nodes))]
     smallest = min(p.micro_batch for p in plans)

@@ -141,6 +141,12 @@ class Workload:
     compute_bytes: int = 2  # bf16/fp16; 4 for fp32
     eager_attention: bool = False
     object_store_bytes: int = 512 * 1024**2
+    # Preference training: a sample is a pair of sequences (chosen, rejected), and DPO runs a
+    # forward pass without gradients through the base with the adapter off (the reference).
+    sequences: int = 1
+    reference_passes: int = 0
+    dora: bool = False  # DoRA: each adapted layer builds its whole weight to take its norm
+    data_tokens: int = 0  # tokens the driver prepares (train + eval)
 
 
 @dataclass(frozen=True)
@@ -172,7 +178,21 @@ class Overheads:
     # run peaked no higher). With MALLOC_MMAP_THRESHOLD_=65536 the training RSS stays flat.
     cpu_dequant_retained: float = 1.0
     ray_node: int = int(0.3 * GiB)  # raylet and dashboard agent on every node
-    ray_head: int = int(1.0 * GiB)  # GCS, dashboard and the swarm driver on the first node
+    ray_head: int = int(1.0 * GiB)  # GCS and dashboard on the first node
+    # The swarm driver (`swarm train`'s own process): python with torch, transformers,
+    # datasets, Ray's client and the tokenizer. Its peak RSS in a run of configs/demo.yaml
+    # was 669 MiB (PSS 533 MiB), sampled every 0.3 s, 2026-12-02.
+    driver_process: int = int(0.65 * GiB)
+    # Preparing the data (swarm.train.data: numpy arrays, never a Python object per token)
+    # raises the driver's peak by this much per token, and once the blocks are in Ray's
+    # object store it keeps this much: `python tests/bench/bench_data.py --tokens 1e7` and
+    # `--tokens 5e7`, instruction records, seq_len 2048: peak 590 and 1,370 MiB over 241 MiB
+    # before (10.8M and 54.1M tokens: 19 bytes a token between them), kept 100 and 213 MiB
+    # (2.7 bytes a token) (docs/data.md, "How far it scales").
+    driver_bytes_per_token: float = 19.0
+    driver_kept_bytes_per_token: float = 2.7
+    # Bytes a token takes in Ray's object store: ids (4), loss mask (1), positions (2), padding.
+    stored_bytes_per_token: float = 7.5
     os_and_desktop: int = int(2.0 * GiB)
     shard_bytes: int = 5 * 10**9  # transformers' default max_shard_size
     ram_limit_fraction: float = 0.95  # Ray's memory monitor kills workers above this share
@@ -306,6 +326,10 @@ def worker_terms(shape: ModelShape, work: Workload, strategy: Strategy, world: i
         add("4-bit dequantize buffer", dev, shape.largest_quantizable_numel * d, "train")
         if device == "cpu":
             add("4-bit dequantized copies kept by malloc", "ram", overheads.cpu_dequant_retained * quantized * d, "train")
+    if work.dora:
+        # peft's DoRA takes the norm of W + scale * B @ A per layer: the dequantized weight,
+        # B @ A and their sum, in fp32, for the largest adapted layer at a time.
+        add("DoRA weight norm (one layer's matrices)", dev, 3 * shape.largest_quantizable_numel * 4, "train")
 
     # Trainable state: gradients and optimizer (LoRA parameters only), partitioned by ZeRO.
     per_param = optimizer_bytes_per_param(work.optimizer, d)
@@ -364,7 +388,8 @@ def checkpoint_bytes(lora_params: int, optimizer: str) -> int:
 def node_terms(work: Workload, is_head: bool, overheads: Overheads = OVERHEADS, lora_params: int = 0) -> list[Term]:
     """Memory shared by the workers of one node: Ray, its object store, the operating system.
 
-    On the head, the driver's share includes the newest checkpoint twice: the run's mailbox
+    On the head, the driver's share grows with the data it prepares (``work.data_tokens``)
+    and includes the newest checkpoint twice: the run's mailbox
     keeps it (so a restarted worker group resumes from it before it is on disk) and the
     driver holds it while writing it (2.5 GB each for Llama 3.1 70B at r=16 with AdamW).
     """
@@ -374,7 +399,15 @@ def node_terms(work: Workload, is_head: bool, overheads: Overheads = OVERHEADS, 
         Term("Ray daemons (raylet, agent)", "ram", overheads.ray_node, scope="node"),
     ]
     if is_head:
-        terms.append(Term("Ray head and swarm driver", "ram", overheads.ray_head, scope="node"))
+        terms.append(Term("Ray head (GCS, dashboard)", "ram", overheads.ray_head, scope="node"))
+        terms.append(Term("swarm driver", "ram", overheads.driver_process, scope="node"))
+        if work.data_tokens:
+            # Counted with the loading phase: the driver prepares the data before the workers
+            # load the model, so this overstates the loading peak a little, never the training one.
+            terms.append(Term("swarm driver: preparing the data", "ram",
+                              int(overheads.driver_bytes_per_token * work.data_tokens), "load", "node"))
+            terms.append(Term("swarm driver: kept after preparing the data", "ram",
+                              int(overheads.driver_kept_bytes_per_token * work.data_tokens), "train", "node"))
         terms.append(Term("newest checkpoint in the mailbox and the driver", "ram",
                           2 * checkpoint_bytes(lora_params, work.optimizer), "train", "node"))
     return terms
@@ -388,7 +421,7 @@ def activation_terms(shape: ModelShape, work: Workload) -> list[tuple[str, int]]
     two do not coexist, so the larger is the peak. Without checkpointing every layer keeps
     all it saved for backward while the loss is computed.
     """
-    tokens = work.seq_len * work.micro_batch
+    tokens = work.seq_len * work.micro_batch * work.sequences  # a preference pair is two sequences
     d = work.compute_bytes
     h = shape.hidden_size
     per_layer = layer_activation_bytes(shape, work) * tokens

@@ -75,7 +75,8 @@ def flops_per_token(shape: ModelShape, work: Workload) -> float:
     passes = 3 if work.gradient_checkpointing else 2  # forward, backward, recompute
     # Backward of the base: input gradients (2N); of the adapters: also weight gradients.
     total = passes * forward + 2 * 2 * lora
-    return total + (passes + 1) * attention
+    # DPO's reference: one more forward pass, without gradients.
+    return total + (passes + 1) * attention + work.reference_passes * (forward + attention)
 
 
 def traffic_per_step(shape: ModelShape, work: Workload, strategy: Strategy, world: int,
@@ -97,9 +98,14 @@ def traffic_per_step(shape: ModelShape, work: Workload, strategy: Strategy, worl
         return {"reduce-scatter LoRA gradients": int(grad_accum * share * lora * d),
                 "all-gather LoRA weights": int(share * lora * d)}
     _, partitioned, _ = zero3_elements(shape, work, knobs)
-    passes = 3 if work.gradient_checkpointing else 2
+    passes = weight_passes(work)
     return {"all-gather parameters": int(grad_accum * passes * share * partitioned * d),
             "reduce-scatter LoRA gradients": int(grad_accum * share * lora * d)}
+
+
+def weight_passes(work: Workload) -> int:
+    """Passes over the base's weights per micro-step: forward, backward, recomputation, reference."""
+    return (3 if work.gradient_checkpointing else 2) + work.reference_passes
 
 
 def estimate_step(shape: ModelShape, work: Workload, strategy: Strategy, world: int,
@@ -114,14 +120,16 @@ def estimate_step(shape: ModelShape, work: Workload, strategy: Strategy, world: 
     """
     d = work.compute_bytes
     on_cpu = device is CPU_DEVICE
-    tokens = work.seq_len * work.micro_batch
-    passes = 3 if work.gradient_checkpointing else 2
+    tokens = work.seq_len * work.micro_batch * work.sequences
+    passes = weight_passes(work)
     quantized = shape.quantizable_params if work.bits == 4 else 0
     lora = shape.lora_params(work.lora_targets, work.lora_r)
     micro: dict[str, float] = {
         "compute": flops_per_token(shape, work) * tokens / (device.tflops * 1e12 * MATMUL_EFFICIENCY),
-        # Each pass reads the packed weight, writes the 16-bit one and the matmul reads it back.
-        "dequantize": passes * quantized * (0.5 + 2 * d) / (device.mem_gbs * 1e9 * MEMORY_EFFICIENCY),
+        # Each pass reads the packed weight, writes the 16-bit one and the matmul reads it back;
+        # DoRA dequantizes each adapted weight once more for its norm.
+        "dequantize": (passes + work.dora * passes) * quantized * (0.5 + 2 * d)
+        / (device.mem_gbs * 1e9 * MEMORY_EFFICIENCY),
     }
     if strategy.zero_stage == 3 and strategy.offload_params != "none":
         _, partitioned, _ = zero3_elements(shape, work, knobs)

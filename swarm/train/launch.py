@@ -9,6 +9,7 @@ object store, so workers on other PCs need neither the data files nor a shared d
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import os
 import signal
@@ -18,19 +19,19 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
 import yaml
 
 from swarm import __version__, metrics_log
-from swarm.config.models import JobConfig
+from swarm.config.models import HUB_PREFIX, JobConfig
 from swarm.errors import RunFailure, UserError
 from swarm.train import checkpoint
 from swarm.train import resume as resume_rules
 from swarm.train.plans import GroupPlanner
 from swarm.durable import replace_text, write_json
 from swarm.train.progress import ProgressRecorder
-from swarm.train.runtime import prepare_process_env
+from swarm.train.trackers import check_trackers
+from swarm.train.runtime import prepare_process_env, return_freed_memory
 
 # A hung collective (a PC gone mid-step) fails after this long, not after torch's 30 minutes.
 COLLECTIVE_TIMEOUT_S = 300
@@ -53,20 +54,26 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
     check_model_source(job)
     check_offload_folder(job)
     check_run_folder(job, resume)
+    check_trackers(job)
     if job.ray.address:
         check_reachable(job.ray.address)
-    planner = None
-    if not job.ray.address:
-        # A local run is planned before Ray starts: a refusal costs nothing.
-        planner = plan_run(job, None)
+    else:
+        # A local run is planned before anything is read: a refusal costs nothing. It is
+        # planned again below, once the prepared data (which the driver holds) is known.
+        plan_run(job, None)
     tokenizer = load_tokenizer(job)
     from swarm.train.data import prepare_data
 
     prepared = prepare_data(job.data, tokenizer)
-    if not prepared.train:
-        raise UserError(f"data.files: no training blocks were made from {', '.join(job.data.files)}")
-    fingerprint = resume_rules.fingerprint(job, prepared.stats.sha256)
+    if prepared.train is None:
+        raise UserError(f"data.files: no training examples were made from {', '.join(job.data.labels)}")
+    stats, splits = prepared.stats, {"train": prepared.train, "eval": prepared.eval}
+    del prepared  # the splits go to Ray's object store; the driver keeps no copy (see fit)
+    fingerprint = resume_rules.fingerprint(job, stats.sha256)
+    data_tokens = stats.train_tokens + stats.eval_tokens
+    planner = None
     if not job.ray.address:
+        planner = plan_run(job, None, data_tokens)
         # The workers of a local run run here: DeepSpeed's ops are built here, once, after
         # every input is checked and before any worker needs them.
         from swarm.train.ops import ensure_ops, ops_for
@@ -78,7 +85,7 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
             # A swarm is asked what it offers; refusals still come before any weight is read.
             from swarm.train.survey import survey_cluster
 
-            planner = plan_run(job, survey_cluster())
+            planner = plan_run(job, survey_cluster(), data_tokens)
         plan = planner.current
         job = with_planned_batch(job, plan)
         print(f"workers: {plan.placement.describe()}", file=sys.stderr)
@@ -92,12 +99,23 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
         fitted = threading.Event()
         watch_local_ray(session, run_dir, fitted)
         try:
-            fit(job, pack_arrays(prepared), recorder, fingerprint, resume_state, planner)
+            fit(job, splits, recorder, fingerprint, resume_state, planner)
         except RunFailure as exc:
+            recorder.trackers.finish(None)
             raise RunFailure(f"{exc}{kept_checkpoint(run_dir)}; continue with `swarm train JOB --resume {run_dir}`") \
                 from exc
         finally:
             fitted.set()  # before Ray stops with the session
+    summary = None
+    try:
+        summary = finish_run(run_dir, job, recorder, stats, started, planner)
+    finally:
+        recorder.trackers.finish(summary)
+    return run_dir
+
+
+def finish_run(run_dir: Path, job: JobConfig, recorder: ProgressRecorder, stats, started, planner) -> dict:
+    """After the workers: refuse a run that did not end well, else write run.json and return it."""
     if recorder.failure:
         raise RunFailure(f"the run stopped: writing to {run_dir} failed ({recorder.failure}){kept_checkpoint(run_dir)}; "
                          f"fix that (free disk space?) and continue with `swarm train JOB --resume {run_dir}`")
@@ -108,13 +126,13 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
         raise RunFailure(f"the workers ended without delivering the trained adapter{kept_checkpoint(run_dir)}; "
                          f"continue with `swarm train JOB --resume {run_dir}`")
     finished = dt.datetime.now(dt.timezone.utc)
-    write_run_summary(run_dir, job, recorder, prepared.stats, started, finished, planner.current)
+    summary = write_run_summary(run_dir, job, recorder, stats, started, finished, planner.current)
     if recorder.stopped_at is not None:
         print(
             f"stopped at step {recorder.stopped_at}; continue with: swarm train JOB --resume {run_dir}",
             file=sys.stderr,
         )
-    return run_dir
+    return summary
 
 
 def kept_checkpoint(run_dir: Path) -> str:
@@ -123,20 +141,21 @@ def kept_checkpoint(run_dir: Path) -> str:
     return f"; the newest intact checkpoint is {newest}" if newest else "; no checkpoint was written"
 
 
-def plan_run(job: JobConfig, nodes) -> GroupPlanner:
+def plan_run(job: JobConfig, nodes, data_tokens: int = 0) -> GroupPlanner:
     """The run's planner, holding the plan of its first worker group, or a one-line refusal.
 
     Args:
         nodes: the swarm's live nodes (``survey_cluster``), or None for a Ray started for
             this run.
+        data_tokens: tokens of the prepared data (the driver's share of the head's RAM).
     """
     from swarm.hardware import inventory
     from swarm.train.plans import run_planner
     from swarm.train.survey import node_inventories
 
     if nodes is None:
-        return run_planner(job, None, [inventory(offload=job.offload.nvme_path)])
-    return run_planner(job, nodes, node_inventories(nodes, job.offload.nvme_path))
+        return run_planner(job, None, [inventory(offload=job.offload.nvme_path)], data_tokens)
+    return run_planner(job, nodes, node_inventories(nodes, job.offload.nvme_path), data_tokens)
 
 
 def open_run_dir(job: JobConfig, resume: str | bool | None, fingerprint: dict) -> tuple[Path, dict | None]:
@@ -168,9 +187,8 @@ def with_planned_batch(job: JobConfig, plan) -> JobConfig:
 
 def with_absolute_paths(job: JobConfig) -> JobConfig:
     """The job with local paths made absolute: Ray workers do not run in this folder."""
-    update: dict[str, Any] = {
-        "data": job.data.model_copy(update={"files": [str(Path(f).expanduser().resolve()) for f in job.data.files]})
-    }
+    files = [_absolute_source(entry) for entry in job.data.files]
+    update: dict[str, Any] = {"data": job.data.model_copy(update={"files": files})}
     if is_local_model(job.model.path):
         update["model"] = job.model.model_copy(update={"path": str(Path(job.model.path).expanduser().resolve())})
     if job.offload.nvme_path:
@@ -178,6 +196,15 @@ def with_absolute_paths(job: JobConfig) -> JobConfig:
             update={"nvme_path": str(Path(job.offload.nvme_path).expanduser().resolve())}
         )
     return job.model_copy(update=update)
+
+
+def _absolute_source(entry):
+    """A ``data.files`` entry with its local path made absolute; Hub data sets stay as they are."""
+    if isinstance(entry, str):
+        return entry if entry.startswith(HUB_PREFIX) else str(Path(entry).expanduser().resolve())
+    if entry.path is None:
+        return entry
+    return entry.model_copy(update={"path": str(Path(entry.path).expanduser().resolve())})
 
 
 def is_local_model(path: str) -> bool:
@@ -271,16 +298,6 @@ def create_run_dir(job: JobConfig) -> Path:
             run_dir = root / f"{base}-{n}"
     run_dir.mkdir(parents=True)
     return run_dir
-
-
-def pack_arrays(prepared) -> dict[str, Any]:
-    """Packed blocks as int32 arrays: compact in Ray's object store, sliced by index."""
-    arrays: dict[str, Any] = {}
-    for split in ("train", "eval"):
-        blocks = getattr(prepared, split)
-        for key in ("input_ids", "labels", "attention_mask"):
-            arrays[f"{split}_{key}"] = np.array([b[key] for b in blocks], dtype=np.int32) if blocks else None
-    return arrays
 
 
 class ray_session:
@@ -398,9 +415,12 @@ def swarm_client_env() -> dict[str, str]:
     return ray_client_env(read_secret())
 
 
-def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder, fingerprint: dict, resume_state,
+def fit(job: JobConfig, splits: dict[str, Any], recorder: ProgressRecorder, fingerprint: dict, resume_state,
         planner: GroupPlanner) -> None:
     """Run the Ray Train workers and feed their messages to ``recorder``.
+
+    ``splits`` (``train`` and ``eval``: ``swarm.train.packing`` Blocks or Pairs) go to Ray's
+    object store and the dict is emptied, so that the driver holds no second copy.
 
     A worker group that fails (a PC dropped out) is restarted by Ray Train from the newest
     checkpoint, with fewer workers when the job allows (``train.min_workers``), and grows
@@ -417,13 +437,17 @@ def fit(job: JobConfig, arrays: dict[str, Any], recorder: ProgressRecorder, fing
     from swarm.train.trainer import ProcessGroupConfig, lean_trainer
 
     placement = planner.placement
+    data = ray.put(dict(splits))
+    splits.clear()
+    gc.collect()
+    return_freed_memory()
     mailbox = start_mailbox(resume_state)
     ray.get(mailbox.post_plan.remote(planner.first_key(), pack(planner.current.to_dict())))
     trainer = lean_trainer(
         train_loop_per_worker,
         train_loop_config={
             "job": job.model_dump(mode="json"),
-            "data": ray.put(arrays),
+            "data": data,
             "mailbox": mailbox,
             "fingerprint": fingerprint,
             "local": placement.mode == "local",
@@ -496,7 +520,7 @@ def user_error_from(exc: BaseException) -> UserError | None:
 
 
 def write_run_summary(run_dir: Path, job: JobConfig, recorder: ProgressRecorder, stats, started, finished,
-                      plan) -> None:
+                      plan) -> dict:
     """run.json: what the model card and later tools need to know about this run.
 
     A resumed run keeps its first start and adds this session's wall time to the earlier ones.
@@ -520,3 +544,4 @@ def write_run_summary(run_dir: Path, job: JobConfig, recorder: ProgressRecorder,
         "stopped": recorder.stopped_at is not None,
     }
     write_json(run_dir / "run.json", summary)
+    return summary

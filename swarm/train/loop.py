@@ -92,9 +92,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker.
 
     Args:
-        cfg: ``job`` (the job as a dict), ``data`` (ref to the packed blocks as numpy
-            arrays), ``mailbox`` (the driver's ``Mailbox`` actor, which also holds the
-            checkpoint to start from, if any, and the plans of the worker groups),
+        cfg: ``job`` (the job as a dict), ``data`` (ref to ``{"train", "eval"}``: numpy
+            ``Blocks``, or ``Pairs`` for preference methods, see ``swarm.train.packing``),
+            ``mailbox`` (the driver's ``Mailbox`` actor, which also holds the checkpoint
+            to start from, if any, and the plans of the worker groups),
             ``fingerprint`` (what this run trains), ``local`` (a run on a Ray started for
             it) and ``count_sent_bytes`` (report the bytes each worker's PC sent per
             step; a swarm run).
@@ -114,6 +115,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from swarm.hardware import gpu_memory_cap_bytes
     from swarm.train.device import memory_fraction, worker_device
     from swarm.train.model import load_model, trainable_parameters
+    from swarm.train.objective import objective_for
     from swarm.train.sampling import micro_batch_indices
 
     context = ray.train.get_context()
@@ -187,15 +189,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in params),
         })
 
-    train_ids, train_labels, train_mask = data["train_input_ids"], data["train_labels"], data["train_attention_mask"]
-    num_blocks, mb, ga = len(train_ids), plan["micro_batch"], plan["grad_accum"]
-
-    def batch(indices, ids, labels, mask):
-        return {
-            "input_ids": torch.as_tensor(ids[indices], dtype=torch.long, device=device),
-            "labels": torch.as_tensor(labels[indices], dtype=torch.long, device=device),
-            "attention_mask": torch.as_tensor(mask[indices], dtype=torch.long, device=device),
-        }
+    # data: swarm.train.packing Blocks (or Pairs for preference methods) per split.
+    objective = objective_for(job)
+    num_blocks, mb, ga = len(data["train"]), plan["micro_batch"], plan["grad_accum"]
 
     def checkpoint(done: int) -> None:
         state = gather_trainable_state(engine, scheduler, named, done, samples_seen)
@@ -211,21 +207,23 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     for step in range(start_step, job.train.max_steps):
         started, sent_before = time.perf_counter(), sent_bytes()
         loss_sum = torch.zeros((), device=device)
-        tokens = 0
+        tokens, figures = 0, [0.0] * len(objective.figures)
         for micro in range(ga):
             idx = micro_batch_indices(samples_seen, micro, rank, world, mb, num_blocks, job.data.seed)
-            inputs = batch(idx, train_ids, train_labels, train_mask)
-            loss = _masked_loss(engine, inputs)
+            inputs, real = data["train"].batch(idx, device)
+            loss, micro_figures = objective.loss(engine, inputs)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
-            tokens += int(inputs["attention_mask"].sum())
+            tokens += real
+            figures = [f + m / ga for f, m in zip(figures, micro_figures)]
         samples_seen += mb * ga * world
         # Rank 0 alone asks the driver whether to stop; the answer rides on the one
         # all-reduce each step already makes, so every rank stops at the same step.
         stop = 1.0 if link is not None and link.stop_requested() else 0.0
         sent = sent_bytes() - sent_before
-        totals = torch.tensor([loss_sum.item() / ga, tokens, stop, sent], dtype=torch.float64, device=device)
+        totals = torch.tensor([loss_sum.item() / ga, tokens, stop, sent, *figures], dtype=torch.float64,
+                              device=device)
         reduced = time.perf_counter()
         dist.all_reduce(totals)
         if exchange is not None:
@@ -241,11 +239,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 "tokens": int(totals[1].item()), "tokens_per_s": totals[1].item() / elapsed,
                 "step_time_s": elapsed, **_memory_figures(on_gpu),
                 **({"sent_bytes_per_worker": round(totals[3].item() / world)} if counting else {}),
+                **{name: totals[4 + i].item() / world for i, name in enumerate(objective.figures)},
             })
-        if data["eval_input_ids"] is not None and (done % job.train.eval_every == 0 or last):
-            eval_loss = evaluate(engine, data, job, mb, rank, world, batch)
+        if data["eval"] is not None and (done % job.train.eval_every == 0 or last):
+            figures = evaluate(engine, data["eval"], objective, job, mb, rank, world)
             if link is not None:
-                link.send({"kind": "eval", "step": done, "eval_loss": eval_loss})
+                link.send({"kind": "eval", "step": done, **figures})
         stopping = totals[2].item() > 0
         saving = stopping or last or done % job.train.checkpoint_every == 0
         if exchange is not None and (saving or done % plan["sync"]["every"] == 0):
@@ -303,40 +302,27 @@ def group_plan(mailbox, link: DriverLink | None, rank: int, world: int, local: b
     return answer[0], addresses
 
 
-def _masked_loss(engine, inputs):
-    """The model's loss, or a zero that still runs the forward pass when no label counts.
-
-    Every ZeRO-3 rank must run the same forward passes (they gather parameters together),
-    so a micro-batch made only of prompt tokens cannot simply be skipped.
-    """
-    out = engine(**inputs)
-    if bool((inputs["labels"][:, 1:] != -100).any()):
-        return out.loss
-    return out.logits.sum() * 0.0
-
-
-def evaluate(engine, data, job: JobConfig, mb: int, rank: int, world: int, batch) -> float:
-    """Token-weighted mean loss over up to ``eval_batches`` micro-batches of ``mb`` blocks per worker."""
+def evaluate(engine, split, objective, job: JobConfig, mb: int, rank: int, world: int) -> dict[str, float]:
+    """The eval figures (``eval_loss``, weighted by tokens or pairs) over up to ``eval_batches``
+    micro-batches of ``mb`` blocks per worker."""
     import torch
     import torch.distributed as dist
 
-    ids, labels, mask = data["eval_input_ids"], data["eval_labels"], data["eval_attention_mask"]
-    batches = min(job.train.eval_batches, max(1, math.ceil(len(ids) / (mb * world))))
+    from swarm.train.objective import eval_figures
+
+    batches = min(job.train.eval_batches, max(1, math.ceil(len(split) / (mb * world))))
     device = engine.device
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    totals = torch.zeros(2 + len(objective.figures), dtype=torch.float64, device=device)
     engine.eval()
     with torch.no_grad():
         for b in range(batches):
             # Wrap around so every rank runs the same number of forward passes.
-            idx = [(b * world * mb + rank * mb + i) % len(ids) for i in range(mb)]
-            inputs = batch(idx, ids, labels, mask)
-            counted = int((inputs["labels"][:, 1:] != -100).sum())
-            loss = engine(**inputs).loss
-            if counted:
-                totals += torch.tensor([loss.item() * counted, counted], dtype=torch.float64, device=device)
+            idx = [(b * world * mb + rank * mb + i) % len(split) for i in range(mb)]
+            inputs, _ = split.batch(idx, device)
+            totals += torch.tensor(objective.eval_sums(engine, inputs), dtype=torch.float64, device=device)
     engine.train()
     dist.all_reduce(totals)
-    return float(totals[0] / totals[1]) if totals[1] else float("nan")
+    return eval_figures(objective, totals.tolist())
 
 
 def gather_adapter(engine, named) -> dict:

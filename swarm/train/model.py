@@ -80,6 +80,8 @@ def load_model(job: JobConfig, plan: dict[str, Any], device: str, adapter: dict 
         lora_alpha=job.lora.alpha,
         lora_dropout=job.lora.dropout,
         target_modules=job.lora.targets,
+        use_dora=job.lora.use_dora,
+        use_rslora=job.lora.use_rslora,
         task_type="CAUSAL_LM",
     )
     try:

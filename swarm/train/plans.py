@@ -42,11 +42,13 @@ class GroupPlanner:
         capacities: how many workers each of those nodes can host.
         placement: the run's placement (its mode, limits and devices stay for every group).
         link_gbps: the network between nodes, when known.
+        data_tokens: tokens of the prepared data (the driver's share of the head's RAM).
     """
 
     def __init__(self, job: JobConfig, inventories: list[NodeInventory], capacities: list[int],
-                 placement: Placement, link_gbps: float | None = None):
+                 placement: Placement, link_gbps: float | None = None, data_tokens: int = 0):
         self.job, self.placement, self.link_gbps = job, placement, link_gbps
+        self.data_tokens = data_tokens
         self.inventories, self.capacities = inventories, capacities
         self.current: Plan | None = None
 
@@ -76,7 +78,7 @@ class GroupPlanner:
             nodes = [inv for inv in self.inventories if inv.address in wanted]
             counts = [wanted[inv.address] for inv in nodes]
         plan = make_plan(self.job, nodes, placement=self.placement, workers_per_node=counts,
-                         link_gbps=self.link_gbps)
+                         link_gbps=self.link_gbps, data_tokens=self.data_tokens)
         if plan.fits:
             self.current = plan
         return plan
@@ -94,7 +96,8 @@ class GroupPlanner:
         return plan.to_dict()
 
 
-def run_planner(job: JobConfig, nodes: list[NodeSlots] | None, inventories: list[NodeInventory]) -> GroupPlanner:
+def run_planner(job: JobConfig, nodes: list[NodeSlots] | None, inventories: list[NodeInventory],
+                data_tokens: int = 0) -> GroupPlanner:
     """The planner of a run, holding the plan of its first worker group.
 
     Args:
@@ -102,6 +105,7 @@ def run_planner(job: JobConfig, nodes: list[NodeSlots] | None, inventories: list
         nodes: the swarm's live nodes as Ray offers them, or None for a Ray started for this run.
         inventories: the hardware of each node that takes workers, the driver's first (for a
             local run: this machine's).
+        data_tokens: tokens of the prepared data.
 
     Raises:
         UserError: the machines cannot host the workers, or the job does not fit them.
@@ -114,7 +118,7 @@ def run_planner(job: JobConfig, nodes: list[NodeSlots] | None, inventories: list
         by_address = {n.address: n for n in nodes}
         capacities = [node_capacity(placement, by_address[inv.address].slots, by_address[inv.address].gpus)
                       for inv in inventories]
-    planner = GroupPlanner(job, inventories, capacities, placement)
+    planner = GroupPlanner(job, inventories, capacities, placement, data_tokens=data_tokens)
     plan = planner.plan_for(planner.first_key())
     if not plan.fits:
         raise UserError(f"this job does not fit: {plan.reason}; `swarm plan JOB` shows the figures")

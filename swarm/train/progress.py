@@ -18,6 +18,7 @@ from swarm.config.models import JobConfig
 from swarm.durable import atomic_folder, write_json
 from swarm.metrics_log import FILE as METRICS_FILE
 from swarm.metrics_log import MetricsLog, read_metrics
+from swarm.train.trackers import Trackers
 
 GIB = 1024**3
 PLAIN_LINE_INTERVAL_S = 5.0  # without a terminal, one status line at most this often
@@ -38,6 +39,7 @@ class ProgressRecorder:
         # A resumed run continues the file (trimmed to its checkpoint) and its token count.
         earlier = read_metrics(run_dir / METRICS_FILE)
         self.metrics = MetricsLog(run_dir / METRICS_FILE)
+        resumed_step = max((m.get("step", 0) for m in earlier), default=0)
         self.start: dict = {}
         self.last_step: dict = {}
         self.last_eval: float | None = None
@@ -53,6 +55,8 @@ class ProgressRecorder:
         self._lock = threading.Lock()
         if dashboard_url:
             self.console.print(f"dashboard: {dashboard_url}", soft_wrap=True)
+        # TensorBoard, W&B, MLflow as log.to says (swarm.train.trackers); finished by the driver.
+        self.trackers = Trackers(run_dir, job, resumed_step, note=self.note, dashboard_url=dashboard_url)
 
     # -- messages ---------------------------------------------------------------------
 
@@ -191,6 +195,7 @@ class ProgressRecorder:
 
     def _write_metrics(self, record: dict) -> None:
         self.metrics.append(record)
+        self.trackers.log(record)
 
     def status_text(self) -> str:
         m = self.last_step

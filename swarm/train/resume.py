@@ -27,9 +27,15 @@ REASONS = {
     "data.files": "the data position refers to other data",
     "data.sha256": "the data files' content changed, so the data position is meaningless",
     "data.format": "the data would be tokenized differently",
+    "data.columns": "other columns would be read",
+    "data.isolate_examples": "the data would be packed differently",
     "data.seq_len": "the data would be packed differently",
     "data.seed": "the data order would differ",
 }
+
+
+# What checkpoints written before a key existed meant by its absence.
+BEFORE_THE_KEY = {"data.columns": {}, "data.isolate_examples": False}
 
 
 def fingerprint(job: JobConfig, data_sha256: str) -> dict[str, Any]:
@@ -41,8 +47,10 @@ def fingerprint(job: JobConfig, data_sha256: str) -> dict[str, Any]:
         "lora.r": job.lora.r,
         "lora.alpha": job.lora.alpha,
         "lora.targets": job.lora.targets,
-        "data.files": list(job.data.files),
+        "data.files": job.data.model_dump(mode="json")["files"],
         "data.format": job.data.format,
+        "data.columns": job.data.columns,
+        "data.isolate_examples": job.data.isolates,
         "data.seq_len": job.data.seq_len,
         "data.seed": job.data.seed,
         "data.sha256": data_sha256,
@@ -52,7 +60,7 @@ def fingerprint(job: JobConfig, data_sha256: str) -> dict[str, Any]:
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], source: Path) -> None:
     """Refuse, in one line, a job that changed something the checkpoint depends on."""
     for key, reason in REASONS.items():
-        if saved.get(key) != current.get(key):
+        if saved.get(key, BEFORE_THE_KEY.get(key)) != current.get(key):
             raise UserError(
                 f"cannot resume from {source}: {key} changed from {saved.get(key)!r} to {current.get(key)!r} "
                 f"({reason}); change it back or start a new run without --resume"
@@ -87,7 +95,8 @@ def find_run_dir(job: JobConfig, given: str | None) -> Path:
             saved = yaml.safe_load(config_file.read_text()) or {}
         except yaml.YAMLError:
             continue
-        if saved.get("model", {}).get("path") == job.model.path and saved.get("data", {}).get("files") == job.data.files:
+        same_data = saved.get("data", {}).get("files") == job.data.model_dump(mode="json")["files"]
+        if saved.get("model", {}).get("path") == job.model.path and same_data:
             candidates.append(config_file.parent)
     if not candidates:
         raise UserError(f"--resume: no earlier run of this job in {root}; run without --resume to start one")

@@ -17,7 +17,6 @@ for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "
     os.environ.setdefault(key, value)
 
 import deepspeed  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -31,9 +30,6 @@ job = load_job(sys.argv[1])
 torch.set_num_threads(os.cpu_count() or 1)
 tokenizer = AutoTokenizer.from_pretrained(job.model.path)
 blocks = prepare_data(job.data, tokenizer).train
-ids = torch.tensor(np.array([b["input_ids"] for b in blocks]))
-labels = torch.tensor(np.array([b["labels"] for b in blocks]))
-mask = torch.tensor(np.array([b["attention_mask"] for b in blocks]))
 
 # The plan swarm would make on this machine: the same DeepSpeed config and precision.
 plan = make_plan(job, [inventory(offload=job.offload.nvme_path)]).to_dict()
@@ -53,9 +49,10 @@ step_times, cpu_times, position = [], [], 0
 for step in range(job.train.max_steps):
     t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(ga):
-        idx = [(position + i) % len(ids) for i in range(mb)]
+        idx = [(position + i) % len(blocks) for i in range(mb)]
         position += mb
-        loss = engine(input_ids=ids[idx], labels=labels[idx], attention_mask=mask[idx]).loss
+        inputs, _ = blocks.batch(idx, "cpu")
+        loss = engine(**inputs).loss
         engine.backward(loss)
         engine.step()
     loss.item()

@@ -35,6 +35,9 @@ def ws(tiny_models, tmp_path_factory):
     (root / "bad-json.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
     (root / "no-output.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
     (root / "chat-not-list.jsonl").write_text('{"messages": "hello"}\n')
+    (root / "pairs-no-rejected.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                                                  '{"prompt": "d", "chosen": "e"}\n')
+    (root / "qa.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
     (root / "runs" / "taken").mkdir(parents=True)
     (root / "cluster-bad-yaml.yaml").write_text("nodes: [unclosed\n")
     (root / "cluster-bad-address.yaml").write_text(
@@ -50,7 +53,13 @@ def ws(tiny_models, tmp_path_factory):
         "ray": {"dashboard": False},
     }
     write_yaml(root / "job.yaml", good)
-    return root
+    import datasets
+
+    # Hugging Face data sets come from an empty cache, offline (as HF_HUB_OFFLINE=1 would have it).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-cache"))
+        yield root
 
 
 def write_yaml(path: Path, data) -> Path:
@@ -113,6 +122,27 @@ CASES = [
                                                                data__format="chat")], "'messages' must be"),
     ("train-lora-target-unknown", lambda ws: ["train", job_with(ws, "tgt", lora__targets=["no_such_proj"])],
      "lora.targets"),
+    # swarm train: data people bring, methods, trackers
+    ("train-pair-without-rejected", lambda ws: ["train", job_with(ws, "pair", data__files=[str(ws / "pairs-no-rejected.jsonl")],
+                                                              data__format="preference", train__method="dpo")],
+     "line 2: record has no 'rejected' field"),
+    ("train-column-missing", lambda ws: ["train", job_with(ws, "col", data__files=[str(ws / "qa.jsonl")],
+                                                           data__format="instruction",
+                                                           data__columns={"instruction": "prompt", "output": "answer"})],
+     "data.columns maps output to column 'answer', which"),
+    ("train-column-unknown-field", lambda ws: ["train", job_with(ws, "colf", data__columns={"body": "text"})],
+     "data.columns names body, which format 'text' does not read"),
+    ("train-hub-not-cached", lambda ws: ["train", job_with(ws, "hub", data__files=["hf:swarm-tests/not-cached"])],
+     "hf:swarm-tests/not-cached is not in the local cache"),
+    ("train-hub-malformed", lambda ws: ["train", job_with(ws, "hubbad", data__files=["hf:no-organisation"])],
+     "not a Hugging Face data set of the form hf:ORG/NAME"),
+    ("train-dpo-on-text", lambda ws: ["train", job_with(ws, "dpo", train__method="dpo")],
+     "train.method=dpo with data.format=text"),
+    ("train-dora-zero3", lambda ws: ["train", job_with(ws, "dora", lora__use_dora=True, train__strategy="shard")],
+     "lora.use_dora with a 4-bit base cannot train under ZeRO-3"),
+    ("train-tracker-unknown", lambda ws: ["train", job_with(ws, "trk", log__to=["comet"])], "log.to"),
+    ("train-wandb-no-key", lambda ws: ["train", job_with(ws, "wandb", log__to=["wandb"])],
+     "log.to: wandb has no API key"),
     ("train-set-no-equals", lambda ws: ["train", str(ws / "job.yaml"), "--set", "train.max_steps"],
      "not of the form section.key=value"),
     ("train-set-bad-yaml", lambda ws: ["train", str(ws / "job.yaml"), "--set", "data.files=[x"], "not valid YAML"),
@@ -181,6 +211,10 @@ def test_bad_input_gets_one_line_and_exit_2(ws, argv, expected, capsys, monkeypa
     args = argv(ws)
     monkeypatch.chdir(ws)
     monkeypatch.setenv("SWARM_HOME", str(ws / "home"))
+    # W&B online, with no key anywhere it looks (a host nobody has a ~/.netrc entry for).
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.invalid")
     before = snapshot(ws)
     capsys.readouterr()
     try:

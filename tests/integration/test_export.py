@@ -26,6 +26,7 @@ from swarm.errors import UserError
 from swarm.export import export_run
 from swarm.export.card import front_matter
 from swarm.tiny import make_tiny_model
+from trainkit import perturb_lora
 
 pytestmark = pytest.mark.integration
 
@@ -100,15 +101,6 @@ def write_real_checkpoint(run_dir: Path, model, step: int) -> Path:
              "peft_config": model.peft_config["default"], "adapter": get_peft_model_state_dict(model),
              "trainer": trainer}
     return write_checkpoint(run_dir / "checkpoints", state, keep=3)
-
-
-def perturb_lora(model, seed: int) -> None:
-    """Give every lora_B (zero at creation) random values, so the adapter changes the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
 
 
 def logits(model, ids) -> torch.Tensor:
@@ -320,8 +312,10 @@ def test_cli(run, tmp_path, capsys):
         {},
         {"use_rslora": True},
         {"rank_pattern": {"v_proj": 4}, "alpha_pattern": {"q_proj": 64, "down_proj": 3}},
+        {"use_dora": True},
+        {"use_dora": True, "use_rslora": True},
     ],
-    ids=["plain", "rslora", "patterns"],
+    ids=["plain", "rslora", "patterns", "dora", "dora-rslora"],
 )
 def test_lora_run_merges_into_the_unquantized_base(run, tmp_path, lora_options):
     """Without 4-bit training the update goes onto the stored weights, scaled as peft scales it."""
@@ -333,15 +327,43 @@ def test_lora_run_merges_into_the_unquantized_base(run, tmp_path, lora_options):
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM", **lora_options)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(run.base, dtype=torch.float32), config)
     perturb_lora(model, seed=3)
-    shutil.rmtree(lora_run / "adapter")
-    model.save_pretrained(lora_run / "adapter")
-
-    merged = export_run(lora_run, merge=True, dtype="fp32", name="tiny-lora").merged
-    got = logits(AutoModelForCausalLM.from_pretrained(merged).eval(), run.ids)
-    expected = logits(model.eval(), run.ids)
-    assert (got - expected).abs().max() < 1e-3
+    merged, expected = merge_with_adapter(lora_run, model, run.ids, "tiny-lora")
     meta = front_matter((merged / "README.md").read_text())
     assert "lora" in meta["tags"] and "qlora" not in meta["tags"]
+
+
+def test_dora_run_merges_into_what_the_4bit_base_computed(run, tmp_path):
+    """DoRA's norm is taken of the weight as training saw it: the 4-bit base, dequantized."""
+    from peft import LoraConfig, get_peft_model
+
+    dora_run = tmp_path / "dora-run"
+    shutil.copytree(run.dir, dora_run, ignore=shutil.ignore_patterns("export"))
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True, task_type="CAUSAL_LM")
+    model = get_peft_model(load_4bit(run.base), config)
+    perturb_lora(model, seed=5)
+    with torch.no_grad():  # magnitudes away from the base's own norms, so that they matter
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.2 * torch.rand(param.shape, generator=torch.Generator().manual_seed(6)))
+    _, expected = merge_with_adapter(dora_run, model, run.ids, "tiny-dora")
+    assert (expected - run.base_only).abs().max() > 0.1  # the adapter changes the output
+
+
+def merge_with_adapter(run_dir: Path, model, ids, name: str):
+    """Put ``model``'s adapter into the run, export it merged; the merged model must compute as ``model``.
+
+    Returns:
+        The merged folder and ``model``'s logits.
+    """
+    from transformers import AutoModelForCausalLM
+
+    shutil.rmtree(run_dir / "adapter")
+    model.save_pretrained(run_dir / "adapter")
+    merged = export_run(run_dir, merge=True, dtype="fp32", name=name).merged
+    got = logits(AutoModelForCausalLM.from_pretrained(merged).eval(), ids)
+    expected = logits(model.eval(), ids)
+    assert (got - expected).abs().max() < 1e-3
+    return merged, expected
 
 
 def test_merge_refuses_adapters_it_cannot_fold(run, tmp_path):
@@ -349,9 +371,9 @@ def test_merge_refuses_adapters_it_cannot_fold(run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     lora_run = lora_run_copy(run, tmp_path)
-    config = LoraConfig(r=4, target_modules="all-linear", use_dora=True, task_type="CAUSAL_LM")
+    config = LoraConfig(r=4, target_modules="all-linear", bias="lora_only", task_type="CAUSAL_LM")
     get_peft_model(AutoModelForCausalLM.from_pretrained(run.base), config).save_pretrained(lora_run / "adapter")
-    with pytest.raises(UserError, match="cannot be merged by swarm: it uses DoRA; export it without --merge"):
+    with pytest.raises(UserError, match="cannot be merged by swarm: it trains biases; export it without --merge"):
         export_run(lora_run, merge=True)
     assert not (lora_run / "export" / f"{NAME}-merged").exists()
 

@@ -81,7 +81,7 @@ def test_saved_adapter_reproduces_the_trained_models_outputs(reference, tiny_mod
     job = load_job(job_path)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     eval_blocks = prepare_data(job.data, tokenizer).eval
-    assert eval_blocks
+    assert eval_blocks is not None and len(eval_blocks)
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32,
@@ -93,8 +93,8 @@ def test_saved_adapter_reproduces_the_trained_models_outputs(reference, tiny_mod
     model = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
     total = count = 0.0
     with torch.no_grad():
-        for block in eval_blocks:
-            inputs = {k: torch.tensor([v]) for k, v in block.items()}
+        for i in range(len(eval_blocks)):
+            inputs, _ = eval_blocks.batch([i], "cpu")
             n = int((inputs["labels"][:, 1:] != -100).sum())
             total += model(**inputs).loss.item() * n
             count += n

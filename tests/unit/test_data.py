@@ -1,4 +1,8 @@
-"""Data preparation: loading, formats, loss masks, packing, eval split, errors."""
+"""Data preparation from local files: loading, formats, loss masks, packing, eval split, errors.
+
+Data sets (save_to_disk, Arrow, the Hub cache), columns, ShareGPT, preference pairs and
+isolated packing: tests/unit/test_data_sources.py and tests/unit/test_packing.py.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,13 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from swarm.config.models import DataSection
 from swarm.errors import UserError
 from swarm.tiny import CHAT_TEMPLATE, train_tokenizer
-from swarm.train.data import IGNORE, prepare_data
+from swarm.train.data import prepare_data
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "data" / "demo.txt"
 CHAT = [
@@ -42,18 +47,29 @@ def cfg(files, fmt="text", seq_len=32, **kw) -> DataSection:
     return DataSection(files=[str(f) for f in files], format=fmt, seq_len=seq_len, **kw)
 
 
-def labelled(block_list) -> list[int]:
-    return [t for b in block_list for t in b["labels"] if t != IGNORE]
+def labelled(blocks) -> list[int]:
+    """The target tokens of a split, in order (a label is the token itself where the mask says so)."""
+    return blocks.input_ids[blocks.loss_mask].tolist() if blocks is not None else []
 
 
-def real_ids(block_list) -> list[int]:
-    return [t for b in block_list for t, m in zip(b["input_ids"], b["attention_mask"]) if m]
+def real_ids(blocks) -> list[int]:
+    """The tokens that are not padding, block after block."""
+    return [t for row, n in zip(blocks.input_ids.tolist(), blocks.real.tolist()) for t in row[:n]] if blocks else []
 
 
 def check_shapes(prepared, seq_len):
-    for block in prepared.train + prepared.eval:
-        assert set(block) == {"input_ids", "labels", "attention_mask"}
-        assert all(len(v) == seq_len for v in block.values())
+    for blocks in (b for b in (prepared.train, prepared.eval) if b is not None):
+        assert blocks.input_ids.shape == blocks.loss_mask.shape == (len(blocks), seq_len)
+        assert blocks.input_ids.dtype == np.int32 and blocks.loss_mask.dtype == bool
+        assert blocks.real.shape == (len(blocks),) and (blocks.real <= seq_len).all()
+
+
+def same(a, b) -> bool:
+    """Two splits hold the same arrays."""
+    if a is None or b is None:
+        return a is b
+    return all(np.array_equal(getattr(a, k), getattr(b, k)) if getattr(a, k) is not None else getattr(b, k) is None
+               for k in ("input_ids", "loss_mask", "real", "position_ids"))
 
 
 TEXTS = [{"text": f"The keeper climbed stair number {i} and counted."} for i in range(20)]
@@ -71,14 +87,14 @@ def test_every_format_packs_into_exact_blocks(tmp_path, tok, fmt, rows):
     assert data.stats.records == 20 and data.stats.skipped == 0
     assert data.stats.train_tokens == len(real_ids(data.train))
     assert data.stats.eval_tokens == len(real_ids(data.eval))
-    # Only the last block of a split is padded; padding is pad id, unlabelled, unattended.
     for split in (data.train, data.eval):
-        for block in split[:-1]:
-            assert all(block["attention_mask"])
-        last = split[-1]
-        for t, label, m in zip(last["input_ids"], last["labels"], last["attention_mask"]):
-            if not m:
-                assert t == tok.pad_token_id and label == IGNORE
+        # Padding ends a block: pad id, never a target.
+        padding = np.arange(24)[None, :] >= split.real[:, None]
+        assert (split.input_ids[padding] == tok.pad_token_id).all() and not split.loss_mask[padding].any()
+        if fmt == "text":  # concatenated: only the last block is padded
+            assert (split.real[:-1] == 24).all() and split.position_ids is None
+        else:  # examples kept apart (the default for instruction and chat)
+            assert split.position_ids is not None
 
 
 def test_text_labels_every_token_and_ends_with_eos(tmp_path, tok):
@@ -157,8 +173,8 @@ def test_same_records_from_json_jsonl_parquet(tmp_path, tok):
         prepare_data(cfg([f], "instruction", eval_fraction=0.1), tok)
         for f in (write_jsonl(tmp_path / "d.jsonl", INSTRUCTIONS), tmp_path / "d.json", tmp_path / "d.parquet")
     ]
-    assert results[0].train == results[1].train == results[2].train
-    assert results[0].eval == results[1].eval == results[2].eval
+    assert same(results[0].train, results[1].train) and same(results[0].train, results[2].train)
+    assert same(results[0].eval, results[1].eval) and same(results[0].eval, results[2].eval)
 
 
 def test_text_file_lines_are_records_of_one_document(tmp_path, tok):
@@ -291,17 +307,17 @@ def test_sha256_covers_the_bytes_in_order(tmp_path, tok):
 def test_deterministic_and_seeded(tmp_path, tok):
     path = write_jsonl(tmp_path / "t.jsonl", TEXTS)
     one = prepare_data(cfg([path], eval_fraction=0.2, seed=1), tok)
-    assert prepare_data(cfg([path], eval_fraction=0.2, seed=1), tok) == one
+    again = prepare_data(cfg([path], eval_fraction=0.2, seed=1), tok)
+    assert same(again.train, one.train) and same(again.eval, one.eval) and again.stats == one.stats
     others = [prepare_data(cfg([path], eval_fraction=0.2, seed=s), tok).eval for s in range(2, 6)]
-    assert any(e != one.eval for e in others)
+    assert any(not same(e, one.eval) for e in others)
 
 
 def test_pad_falls_back_to_eos(tmp_path, tok):
     nopad = copy.deepcopy(tok)
     nopad.pad_token = None
     data = prepare_data(cfg([write_jsonl(tmp_path / "t.jsonl", TEXTS[:1])], seq_len=64, eval_fraction=0), nopad)
-    block = data.train[0]
-    assert block["input_ids"][-1] == tok.eos_token_id and block["attention_mask"][-1] == 0
+    assert data.train.real[0] < 64 and data.train.input_ids[0, -1] == tok.eos_token_id
 
 
 def test_bos_once_per_document_when_the_tokenizer_adds_one(tmp_path, tok):
@@ -329,7 +345,7 @@ def test_unreadable_files_get_one_line(tmp_path, tok):
         ("latin1.txt", "is not UTF-8 text"),
         ("latin1.jsonl", "is not UTF-8 text"),
         ("fake.parquet", "cannot be read as parquet"),
-        ("d.txt", "is not a file"),
+        ("d.txt", "is a folder with no data in it"),
     ]:
         with pytest.raises(UserError, match=rf"data file .*{name} {message}"):
             prepare_data(cfg([tmp_path / name]), tok)
