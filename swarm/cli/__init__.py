@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from swarm.train.runtime import quiet_bitsandbytes_kernel_fetch
+
+    quiet_bitsandbytes_kernel_fetch()
     try:
         return int(args.run(args) or 0)
     except UserError as exc:

@@ -2,25 +2,25 @@
 
 Each worker loads the 4-bit base with LoRA, initialises DeepSpeed with the config built
 from the job, and steps through its share of the packed blocks. Rank 0 talks to the
-driver through its mailbox (``swarm.train.mailbox``): metrics as they happen, checkpoints
-and the gathered adapter at the end. Nothing is written to disk here, so workers need no
-shared drive.
+driver through its mailbox (``driver_link``): metrics as they happen, checkpoints (the
+state ``trainable_state`` gathers) and the gathered adapter at the end. Nothing is written
+to disk here, so workers need no shared drive.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import platform
-import resource
 import time
 from typing import Any
 
 from swarm.config.models import JobConfig
 from swarm.train.diloco import Exchange, PcGroups
-from swarm.train.mailbox import pack, unpack
+from swarm.train.driver_link import DriverLink, grad_norm, group_plan, host_facts, memory_figures, sent_bytes_counter
+from swarm.train.mailbox import unpack
 from swarm.train.plans import plan_of_pc
 from swarm.train.runtime import prepare_process_env
+from swarm.train.trainable_state import gather_adapter, gather_trainable_state, restore_trainer_state
 
 
 def lr_lambda(job: JobConfig):
@@ -56,36 +56,6 @@ def client_optimizer(job: JobConfig, params):
             relative_step=False, scale_parameter=False, warmup_init=False,
         )
     return None
-
-
-class DriverLink:
-    """Rank 0's line to the driver (a ``swarm.train.mailbox`` actor), built so that a
-    training step never waits on it.
-
-    Metrics go out fire-and-forget; the stop request is polled with a probe that is
-    read only once Ray has its answer. Checkpoints and the final adapter use ``deliver``,
-    which waits until the mailbox holds them.
-    """
-
-    def __init__(self, mailbox):
-        import ray
-
-        self._ray, self.mailbox = ray, mailbox
-        self._stop_probe = mailbox.stop_requested.remote()
-
-    def send(self, message: dict) -> None:
-        self.mailbox.send.remote(pack(message))
-
-    def deliver(self, message: dict) -> None:
-        self._ray.get(self.mailbox.deliver.remote(pack(message), message["kind"] == "checkpoint"))
-
-    def stop_requested(self) -> bool:
-        ready, _ = self._ray.wait([self._stop_probe], timeout=0)
-        if not ready:
-            return False
-        stop = self._ray.get(self._stop_probe)
-        self._stop_probe = self.mailbox.stop_requested.remote()
-        return stop
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
@@ -180,7 +150,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         pc_tokens = 0  # this worker's tokens since the last exchange
 
     hosts = [None] * world
-    dist.all_gather_object(hosts, _host_facts(on_gpu))
+    dist.all_gather_object(hosts, host_facts(on_gpu))
     if link is not None:
         link.deliver({
             "kind": "start", "world_size": world, "precision": precision, "start_step": start_step,
@@ -235,9 +205,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if link is not None and (done % job.train.log_every == 0 or last):
             link.send({
                 "kind": "step", "step": done, "loss": totals[0].item() / world,
-                "lr": scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine),
+                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm(engine),
                 "tokens": int(totals[1].item()), "tokens_per_s": totals[1].item() / elapsed,
-                "step_time_s": elapsed, **_memory_figures(on_gpu),
+                "step_time_s": elapsed, **memory_figures(on_gpu),
                 **({"sent_bytes_per_worker": round(totals[3].item() / world)} if counting else {}),
                 **{name: totals[4 + i].item() / world for i, name in enumerate(objective.figures)},
             })
@@ -280,28 +250,6 @@ def pc_total(tokens: int, groups) -> float:
     return float(total)
 
 
-def group_plan(mailbox, link: DriverLink | None, rank: int, world: int, local: bool) -> tuple[dict, list[str]]:
-    """This worker group's plan from the driver (see ``swarm.train.plans``), the same on every
-    rank, and each rank's node address.
-
-    Collective: every rank gathers the node addresses of the group; rank 0 asks the driver
-    for the group's plan and hands it to the others.
-    """
-    import ray
-    import torch.distributed as dist
-
-    from swarm.train.plans import group_key, receive_group_plan
-
-    addresses = [None] * world
-    dist.all_gather_object(addresses, ray.util.get_node_ip_address())
-    answer = [None]
-    if rank == 0:
-        key = group_key(addresses, local)
-        answer[0] = receive_group_plan(mailbox, key, ask=lambda: link.send({"kind": "plan_request", "key": key}))
-    dist.broadcast_object_list(answer, src=0)
-    return answer[0], addresses
-
-
 def evaluate(engine, split, objective, job: JobConfig, mb: int, rank: int, world: int) -> dict[str, float]:
     """The eval figures (``eval_loss``, weighted by tokens or pairs) over up to ``eval_batches``
     micro-batches of ``mb`` blocks per worker."""
@@ -325,179 +273,3 @@ def evaluate(engine, split, objective, job: JobConfig, mb: int, rank: int, world
     return eval_figures(objective, totals.tolist())
 
 
-def gather_adapter(engine, named) -> dict:
-    """The full fp32 LoRA weights under peft's names, gathered from every ZeRO-3 shard.
-
-    Collective: every rank must call it. Only rank 0 needs the result.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-    from peft import get_peft_model_state_dict
-
-    full = {name: safe_get_full_fp32_param(p).detach().cpu().clone() for name, p in named}
-    return get_peft_model_state_dict(engine.module, state_dict=full)
-
-
-# Adam's moments, the only optimizer state swarm can gather whole from ZeRO-3 shards.
-# 8-bit AdamW and Adafactor keep quantized or factored state that does not map onto
-# parameters one to one; their moments restart after a resume (said in the log).
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def gather_trainable_state(engine, scheduler, named, step: int, samples_seen: int) -> dict:
-    """Everything a resume needs, whole and independent of the number of workers.
-
-    Collective: every rank must call it (gathering a ZeRO-3 tensor is an all-gather).
-    """
-    import random
-
-    import numpy as np
-    import torch
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    moments = {}
-    if isinstance(engine.optimizer.optimizer, torch.optim.Adam | torch.optim.AdamW) or _is_ds_adam(engine):
-        for key in MOMENT_KEYS:
-            moments[key] = {
-                name: safe_get_full_optimizer_state(p, key).detach().cpu().clone() for name, p in named
-            }
-    inner_state = engine.optimizer.optimizer.state
-    adam_steps = [s["step"] for s in inner_state.values() if "step" in s]
-    trainer = {
-        "step": step,
-        "samples_seen": samples_seen,
-        "moments": moments,
-        "optimizer_step": int(adam_steps[0]) if adam_steps else 0,
-        "scheduler": scheduler.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        },
-    }
-    return {
-        "step": step, "samples_seen": samples_seen,
-        "adapter": gather_adapter(engine, named), "trainer": trainer,
-    }
-
-
-def _is_ds_adam(engine) -> bool:
-    return type(engine.optimizer.optimizer).__name__ in {"DeepSpeedCPUAdam", "FusedAdam"}
-
-
-def _create_optimizer_state(engine, step: int) -> None:
-    """Create Adam's state before its first step, so that moments can be written into it.
-
-    Adam creates its state lazily, on the first step; DeepSpeed's setters expect it to
-    exist. Zeros of the flat fp32 partition's shape are what Adam itself would create.
-    """
-    import torch
-
-    zero = engine.optimizer
-    inner = zero.optimizer
-    tensor_step = isinstance(inner, torch.optim.Optimizer) and type(inner).__module__.startswith("torch.optim")
-    # ZeRO-3 and ZeRO-2 name their flat fp32 partitions differently.
-    flats = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
-    for flat in flats:
-        state = inner.state[flat]
-        for key in MOMENT_KEYS:
-            if key not in state:
-                state[key] = torch.zeros_like(flat)
-        state["step"] = torch.tensor(float(step)) if tensor_step else step
-    # ZeRO-2 maps each parameter onto its slice of the state when the state first
-    # exists (normally after the first step); map it now, so the setters can write.
-    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
-        zero._lazy_init_hp_params_optimizer_state()
-
-
-def restore_trainer_state(engine, scheduler, named, resume: dict) -> tuple[int, int]:
-    """Put the fp32 master weights, moments, schedule and RNG back; return the position.
-
-    Collective under ZeRO-3: every rank writes its own partition of each tensor.
-    """
-    import random
-
-    import numpy as np
-    import torch
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-    from peft import get_peft_model_state_dict
-
-    trainer = resume["trainer"]
-    # Master weights: the peft-named checkpoint tensors, mapped back to parameter names.
-    by_peft_name = get_peft_model_state_dict(engine.module, state_dict={n: p for n, p in named})
-    peft_name_of = {id(p): k for k, p in by_peft_name.items()}
-    for name, p in named:
-        safe_set_full_fp32_param(p, resume["adapter"][peft_name_of[id(p)]].to(torch.float32))
-    if trainer["moments"]:
-        _create_optimizer_state(engine, trainer["optimizer_step"])
-    for key, tensors in trainer["moments"].items():
-        for name, p in named:
-            if name in tensors:
-                safe_set_full_optimizer_state(p, tensors[name].to(torch.float32), key)
-    scheduler.load_state_dict(trainer["scheduler"])
-    for group, lr in zip(engine.optimizer.optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr
-    rng = trainer["rng"]
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    return trainer["step"], trainer["samples_seen"]
-
-
-def _grad_norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return float(norm.item() if hasattr(norm, "item") else norm)
-
-
-def _memory_figures(on_gpu: bool) -> dict:
-    import torch
-
-    figures = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if on_gpu:
-        figures["peak_device_bytes"] = torch.cuda.max_memory_allocated()
-    return figures
-
-
-def _host_facts(on_gpu: bool) -> dict:
-    import psutil
-    import torch
-
-    gpus = []
-    if on_gpu:
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        gpus.append({"name": props.name, "vram_bytes": props.total_memory})
-    import ray
-
-    return {
-        "hostname": platform.node(), "address": ray.util.get_node_ip_address(), "gpus": gpus,
-        "ram_bytes": psutil.virtual_memory().total, "cpu_threads": torch.get_num_threads(),
-    }
-
-
-def sent_bytes_counter():
-    """A function giving the bytes this host has sent on the training interface so far.
-
-    The interface is the one the collectives use: the one the node's agent named for gloo/NCCL (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``, set
-    on every swarm node), else the one holding this node's address. The count is the
-    host's (a home PC runs one worker per GPU, whose traffic it adds up), and it includes
-    the little that Ray itself sends.
-    """
-    import psutil
-    import ray
-
-    name = os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("NCCL_SOCKET_IFNAME")
-    if not name:
-        address = ray.util.get_node_ip_address()
-        name = next(
-            (nic for nic, addrs in psutil.net_if_addrs().items() if any(a.address == address for a in addrs)), None
-        )
-
-    def sent() -> int:
-        counters = psutil.net_io_counters(pernic=True).get(name) if name else None
-        return counters.bytes_sent if counters else 0
-
-    return sent

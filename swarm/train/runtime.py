@@ -13,6 +13,16 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def quiet_bitsandbytes_kernel_fetch() -> None:
+    """Silence bitsandbytes' warning that it could not fetch a kernel from the Hub.
+
+    On a CPU with AVX512-BF16, bitsandbytes tries to fetch a faster 4-bit kernel from the
+    Hugging Face Hub (the `kernels` package, which swarm does not install: nothing is
+    downloaded at run time) and warns that it could not; it then uses its own kernel.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def prepare_process_env() -> None:
     """Environment that must be set before DeepSpeed is imported in this process.
 
@@ -32,6 +42,7 @@ def prepare_process_env() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_bitsandbytes_kernel_fetch()
     try:  # transformers shows a bar while writing shards even with its verbosity at error
         from transformers.utils import logging as hf_logging
 

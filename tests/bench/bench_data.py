@@ -80,7 +80,7 @@ nbytes = sum(a.nbytes for v in data.values() if v is not None
              for a in ([v] if hasattr(v, "nbytes") else [x for x in vars(v).values() if hasattr(x, "nbytes")]))
 ref = ray.put(data)
 if not args["before"]:
-    data.clear()  # as swarm.train.launch.fit does
+    data.clear()  # as swarm.train.fit.fit does
 del data, result
 if not args["before"]:
     import gc

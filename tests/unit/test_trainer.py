@@ -8,7 +8,7 @@ import sys
 from ray.train import RunConfig, ScalingConfig
 from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
 
-from swarm.train.launch import free_dashboard_port
+from swarm.train.ray_session import free_dashboard_port
 from swarm.train.trainer import LocalFixedScalingPolicy, ProcessGroupConfig, lean_trainer
 
 

@@ -1,0 +1,121 @@
+"""What a worker tells the driver, and how: the link to the driver's mailbox, the request
+for its group's plan, and the figures each step reports (gradient norm, memory, bytes sent,
+the host's facts).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+
+from swarm.train.mailbox import pack
+
+
+class DriverLink:
+    """Rank 0's line to the driver (a ``swarm.train.mailbox`` actor), built so that a
+    training step never waits on it.
+
+    Metrics go out fire-and-forget; the stop request is polled with a probe that is
+    read only once Ray has its answer. Checkpoints and the final adapter use ``deliver``,
+    which waits until the mailbox holds them.
+    """
+
+    def __init__(self, mailbox):
+        import ray
+
+        self._ray, self.mailbox = ray, mailbox
+        self._stop_probe = mailbox.stop_requested.remote()
+
+    def send(self, message: dict) -> None:
+        self.mailbox.send.remote(pack(message))
+
+    def deliver(self, message: dict) -> None:
+        self._ray.get(self.mailbox.deliver.remote(pack(message), message["kind"] == "checkpoint"))
+
+    def stop_requested(self) -> bool:
+        ready, _ = self._ray.wait([self._stop_probe], timeout=0)
+        if not ready:
+            return False
+        stop = self._ray.get(self._stop_probe)
+        self._stop_probe = self.mailbox.stop_requested.remote()
+        return stop
+
+
+def group_plan(mailbox, link: DriverLink | None, rank: int, world: int, local: bool) -> tuple[dict, list[str]]:
+    """This worker group's plan from the driver (see ``swarm.train.plans``), the same on every
+    rank, and each rank's node address.
+
+    Collective: every rank gathers the node addresses of the group; rank 0 asks the driver
+    for the group's plan and hands it to the others.
+    """
+    import ray
+    import torch.distributed as dist
+
+    from swarm.train.plans import group_key, receive_group_plan
+
+    addresses = [None] * world
+    dist.all_gather_object(addresses, ray.util.get_node_ip_address())
+    answer = [None]
+    if rank == 0:
+        key = group_key(addresses, local)
+        answer[0] = receive_group_plan(mailbox, key, ask=lambda: link.send({"kind": "plan_request", "key": key}))
+    dist.broadcast_object_list(answer, src=0)
+    return answer[0], addresses
+
+
+def grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if hasattr(norm, "item") else norm)
+
+
+def memory_figures(on_gpu: bool) -> dict:
+    import torch
+
+    figures = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if on_gpu:
+        figures["peak_device_bytes"] = torch.cuda.max_memory_allocated()
+    return figures
+
+
+def host_facts(on_gpu: bool) -> dict:
+    import psutil
+    import torch
+
+    gpus = []
+    if on_gpu:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        gpus.append({"name": props.name, "vram_bytes": props.total_memory})
+    import ray
+
+    return {
+        "hostname": platform.node(), "address": ray.util.get_node_ip_address(), "gpus": gpus,
+        "ram_bytes": psutil.virtual_memory().total, "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def sent_bytes_counter():
+    """A function giving the bytes this host has sent on the training interface so far.
+
+    The interface is the one the collectives use: the one the node's agent named for gloo/NCCL (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``, set
+    on every swarm node), else the one holding this node's address. The count is the
+    host's (a home PC runs one worker per GPU, whose traffic it adds up), and it includes
+    the little that Ray itself sends.
+    """
+    import psutil
+    import ray
+
+    name = os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("NCCL_SOCKET_IFNAME")
+    if not name:
+        address = ray.util.get_node_ip_address()
+        name = next(
+            (nic for nic, addrs in psutil.net_if_addrs().items() if any(a.address == address for a in addrs)), None
+        )
+
+    def sent() -> int:
+        counters = psutil.net_io_counters(pernic=True).get(name) if name else None
+        return counters.bytes_sent if counters else 0
+
+    return sent
