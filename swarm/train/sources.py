@@ -312,8 +312,7 @@ def sha256_of(sources: list[Source]) -> str:
     for source in sources:
         for path in source.hashed:
             with path.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
+                hashlib.file_digest(f, lambda: digest)  # goes on updating the one digest
     return digest.hexdigest()
 
 
