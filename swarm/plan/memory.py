@@ -33,97 +33,10 @@ import math
 from dataclasses import dataclass
 
 from swarm.plan.shapes import ModelShape
+from swarm.plan.strategy import Strategy
 
 GiB = 1024**3
 PLACES = ("gpu", "ram", "nvme")
-OFFLOAD_TARGETS = ("none", "cpu", "nvme")
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """How the work is spread over the workers, and where ZeRO keeps what.
-
-    Two kinds, one name each across planner and trainer:
-
-    - ``replicate`` (ZeRO-2): every worker holds the whole 4-bit base; only LoRA gradients
-      and weights cross the network, and the LoRA optimizer state is partitioned, in CPU
-      RAM when ``offload_optimizer`` is ``cpu`` (ZeRO-2 offloads nowhere else).
-    - ``shard`` (ZeRO-3): the base is partitioned over the workers, its partitions kept on
-      the device, in CPU RAM or on NVMe (``offload_params``), the optimizer state likewise.
-    - ``diloco``: each PC trains on its own with one of the two above inside it (each PC's
-      own plan says which) and the PCs exchange adapters every few steps (``swarm.plan.diloco``);
-      ``zero_stage`` is 0 here, as the stage is each PC's.
-    """
-
-    zero_stage: int
-    offload_params: str = "none"
-    offload_optimizer: str = "none"
-    diloco: bool = False
-
-    def __post_init__(self):
-        if self.diloco:
-            if (self.zero_stage, self.offload_params, self.offload_optimizer) != (0, "none", "none"):
-                raise ValueError("diloco's ZeRO stage and offload are each PC's own")
-            return
-        if self.zero_stage not in (2, 3):
-            raise ValueError(f"zero_stage must be 2 (replicate) or 3 (shard), not {self.zero_stage}")
-        if self.offload_params not in OFFLOAD_TARGETS or self.offload_optimizer not in OFFLOAD_TARGETS:
-            raise ValueError("offload targets are none, cpu or nvme")
-        if self.offload_params != "none" and self.zero_stage != 3:
-            raise ValueError("parameter offload needs ZeRO stage 3 (shard)")
-        if self.offload_optimizer == "nvme" and self.zero_stage != 3:
-            raise ValueError("ZeRO-2 (replicate) offloads the optimizer to CPU RAM only")
-
-    @property
-    def kind(self) -> str:
-        if self.diloco:
-            return "diloco"
-        return "replicate" if self.zero_stage == 2 else "shard"
-
-    @property
-    def name(self) -> str:
-        name = self.kind
-        if self.offload_params != "none":
-            name += f"-params-{self.offload_params}"
-        if self.offload_optimizer != "none":
-            name += f"-opt-{self.offload_optimizer}"
-        return name
-
-    @property
-    def label(self) -> str:
-        if self.diloco:
-            return "each PC trains on its own, adapters exchanged every few steps (DiLoCo)"
-        where = {"cpu": "CPU RAM", "nvme": "NVMe"}
-        parts = ["replicated 4-bit base, ZeRO-2" if self.zero_stage == 2 else "sharded base, ZeRO-3"]
-        if self.offload_params != "none":
-            parts.append(f"parameters in {where[self.offload_params]}")
-        if self.offload_optimizer != "none":
-            parts.append(f"optimizer in {where[self.offload_optimizer]}")
-        return ", ".join(parts)
-
-    @property
-    def uses_nvme(self) -> bool:
-        return "nvme" in (self.offload_params, self.offload_optimizer)
-
-    def to_dict(self) -> dict:
-        return {"name": self.kind, "variant": self.name, "zero_stage": self.zero_stage,
-                "offload_params": self.offload_params, "offload_optimizer": self.offload_optimizer,
-                "label": self.label}
-
-
-# Every strategy the planner knows, preferred first when two are estimated equally fast.
-# For QLoRA the optimizer state covers only the adapters, so the NVMe choices matter for
-# the parameters.
-STRATEGIES = (
-    Strategy(2),
-    Strategy(2, "none", "cpu"),
-    Strategy(3),
-    Strategy(3, "none", "cpu"),
-    Strategy(3, "cpu", "none"),
-    Strategy(3, "cpu", "cpu"),
-    Strategy(3, "nvme", "cpu"),
-    Strategy(3, "nvme", "nvme"),
-)
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ from swarm.config.models import JobConfig
 from swarm.errors import UserError
 from swarm.inventory import GpuInfo, NodeInventory
 from swarm.plan import memory as mem
-from swarm.plan.decide import allowed_strategies, make_plan, workload_from_job
+from swarm.plan.decide import make_plan, workload_from_job
 from swarm.plan.shapes import load_shape
 from swarm.plan.speed import flops_per_token, traffic_per_step
+from swarm.plan.strategy import Strategy, allowed_strategies
 
 GiB = 1024**3
 PC = NodeInventory(hostname="desktop", ram_bytes=64 * GiB, gpus=(GpuInfo("RTX 4090", 24 * GiB),))
@@ -37,7 +38,7 @@ def test_dpo_counts_both_answers_and_the_reference_pass():
     assert flops_per_token(shape, orpo) == flops_per_token(shape, sft)
     assert 0.3 < flops_per_token(shape, dpo) / flops_per_token(shape, sft) - 1 < 0.36
     knobs = mem.choose_knobs(shape, sft, 2)
-    zero3 = mem.Strategy(3)
+    zero3 = Strategy(3)
     gathered = {w: traffic_per_step(shape, w, zero3, 2, knobs, 8)["all-gather parameters"] for w in (sft, dpo)}
     assert gathered[dpo] == gathered[sft] * 4 // 3  # forward, recomputation, backward + the reference
 
