@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarm.plan import memory as mem
+from swarm.plan.activations import activation_terms, layer_activation_bytes
 from swarm.plan.shapes import load_shape
 from swarm.plan.speed import traffic_per_step
 from swarm.plan.strategy import STRATEGIES, Strategy
@@ -34,7 +35,7 @@ def gpu_peak(shape, work, strategy, world):
 
 
 def activations(shape, work):
-    return sum(b for _, b in mem.activation_terms(shape, work))
+    return sum(b for _, b in activation_terms(shape, work))
 
 
 def test_quantization_constants_follow_qlora():
@@ -108,13 +109,13 @@ def test_llama_8b_activation_figure_is_in_the_published_range():
     # a similar order without the s^2 term: within 1-2x of sbh * 34.
     shape = load_shape("llama-3.1-8b")
     work = mem.Workload(seq_len=2048, micro_batch=1)
-    per_layer = mem.layer_activation_bytes(shape, work)
+    per_layer = layer_activation_bytes(shape, work)
     assert 1.0 < per_layer / (34 * shape.hidden_size) < 2.0
 
 
 def test_logits_dominate_short_checkpointed_runs_of_large_vocabularies():
     shape = load_shape("llama-3.1-8b")  # 128k vocabulary
-    terms = dict(mem.activation_terms(shape, mem.Workload(seq_len=2048, micro_batch=1)))
+    terms = dict(activation_terms(shape, mem.Workload(seq_len=2048, micro_batch=1)))
     assert terms["activations: logits and loss"] > 3 * GiB
     assert terms["activations: layer checkpoints"] == 32 * 2 * 4096 * 2048
 
@@ -209,7 +210,7 @@ def test_layer_activation_formula_matches_autograd(tmp_path):
         measured, config = _saved_bytes_of_one_layer(arch, quantize, 128, 2, tmp_path / str(i))
         shape = shape_from_config(arch, json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
         work = mem.Workload(seq_len=128, micro_batch=2, lora_r=8, bits=4 if quantize else None)
-        predicted = mem.layer_activation_bytes(shape, work) * 128 * 2
+        predicted = layer_activation_bytes(shape, work) * 128 * 2
         assert 0.9 < predicted / measured < 1.1, (arch, predicted, measured)
 
 
