@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from swarm.config.models import JobConfig
 from swarm.errors import UserError
-from swarm.inventory import GpuInfo, NodeInventory
+from swarm.inventory import NodeInventory
 from swarm.plan import diloco
 from swarm.plan import memory as mem
 from swarm.plan.deepspeed import deepspeed_config, resolve_precision
@@ -334,39 +334,6 @@ def workload_from_job(job: JobConfig, compute_bytes: int = 2, data_tokens: int =
         sequences=2 if preference else 1, reference_passes=int(job.train.method == "dpo"),
         dora=job.lora.use_dora, data_tokens=data_tokens,
     )
-
-
-def inventory_from_cluster(insecure: bool = False) -> list[NodeInventory]:
-    """The live swarm's nodes that are alive, as their agents report them; the head first.
-
-    Args:
-        insecure: the swarm runs without a secret (``swarm up --insecure``).
-
-    Raises:
-        UserError: no swarm is recorded on this PC, none of its nodes answers, or this
-            install lacks the cluster parts.
-    """
-    no_swarm = "no running swarm; run `swarm up` or pass --hardware FILE"
-    try:
-        from swarm.cluster import state
-        from swarm.home import resolve_secret
-    except ImportError:
-        raise UserError(no_swarm) from None
-    if state.load_cluster_state() is None:
-        raise UserError(no_swarm)
-    status = state.cluster_status(resolve_secret(insecure))
-    live = [n for n in status.get("nodes", []) if n.get("alive") and n.get("ram_bytes")]
-    if not live:
-        raise UserError(no_swarm + (f" ({status['error']})" if status.get("error") else ""))
-    live.sort(key=lambda n: n.get("role") != "head")
-    return [
-        NodeInventory(
-            hostname=n.get("hostname") or n["address"], ram_bytes=int(n["ram_bytes"]),
-            gpus=tuple(GpuInfo(g["name"], int(g["vram_bytes"])) for g in n.get("gpus") or ()),
-            address=n["address"], offload_free_bytes=n.get("offload_free_bytes"),
-        )
-        for n in live
-    ]
 
 
 def _node_figures(node: NodeInventory, is_head: bool, workers: int, device: str, shape: ModelShape,
