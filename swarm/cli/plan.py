@@ -30,8 +30,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from swarm.config import load_job
     from swarm.hardware import inventory
-    from swarm.plan.decide import inventory_from_cluster, make_plan
-    from swarm.plan.hardware_file import load_hardware
+    from swarm.plan.decide import make_plan
+    from swarm.plan.inventories import inventory_from_cluster, load_hardware
 
     job = load_job(args.job, args.overrides)
     link_gbps = None

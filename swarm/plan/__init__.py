@@ -5,10 +5,11 @@ Pure arithmetic over the model's shape (counted on the meta device, no weights) 
 machines' inventories. The entry point is :func:`make_plan`.
 """
 
-from swarm.plan.decide import Candidate, NodeFigures, Plan, inventory_from_cluster, make_plan, workload_from_job
-from swarm.plan.hardware_file import Hardware, load_hardware
-from swarm.plan.memory import STRATEGIES, Overheads, Strategy, Workload
+from swarm.plan.decide import Candidate, NodeFigures, Plan, make_plan, workload_from_job
+from swarm.plan.inventories import Hardware, inventory_from_cluster, load_hardware
+from swarm.plan.memory import Overheads, Workload
 from swarm.plan.shapes import ModelShape, bundled_names, load_shape
+from swarm.plan.strategy import STRATEGIES, Strategy
 
 __all__ = [
     "STRATEGIES", "Candidate", "Hardware", "ModelShape", "NodeFigures", "Overheads", "Plan", "Strategy",

@@ -2,7 +2,7 @@
 
 ``make_plan(job, nodes)`` is the public entry point. It places the workers, builds the
 model's shape from its config (no weights), tries each strategy the job allows (see
-``allowed_strategies``) with the job's micro-batch and, when that does not fit, smaller
+``swarm.plan.strategy``) with the job's micro-batch and, when that does not fit, smaller
 ones that keep the samples per step (the accumulation grows to match), and picks the
 fitting candidate with the shortest estimated step. The resulting :class:`Plan` holds the
 placement, strategy and why, precision, micro-batch and accumulation, the exact DeepSpeed
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from swarm.config.models import JobConfig
 from swarm.errors import UserError
-from swarm.inventory import GpuInfo, NodeInventory
+from swarm.inventory import NodeInventory
 from swarm.plan import diloco
 from swarm.plan import memory as mem
 from swarm.plan.deepspeed import deepspeed_config, resolve_precision
@@ -24,6 +24,7 @@ from swarm.plan.gpus import CPU_DEVICE, UNKNOWN_GPU, find_gpu
 from swarm.plan.placement import NodeSlots, Placement, node_capacity, place_workers, spread_workers
 from swarm.plan.shapes import ModelShape, load_shape
 from swarm.plan.speed import StepEstimate, estimate_step, links_for
+from swarm.plan.strategy import Strategy, allowed_strategies, strategy_reason
 
 GiB = 1024**3
 
@@ -89,7 +90,7 @@ class NodeFigures:
 class Candidate:
     """One strategy at the largest micro-batch that fits (or at micro-batch 1 if none does)."""
 
-    strategy: mem.Strategy
+    strategy: Strategy
     micro_batch: int
     grad_accum: int
     nodes: tuple[NodeFigures, ...]
@@ -144,7 +145,7 @@ class Plan:
 
     fits: bool
     placement: Placement
-    strategy: mem.Strategy
+    strategy: Strategy
     strategy_reason: str
     micro_batch: int
     grad_accum: int
@@ -259,7 +260,7 @@ def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placemen
         sync = diloco.sync_plan(job, shape.lora_params(work.lora_targets, work.lora_r), len(nodes),
                                 max(p.step_seconds for p in pcs), link_gbps)
         figures = tuple(replace(p.nodes[0], step=diloco.with_exchange(p.nodes[0].step, sync)) for p in pcs)
-        candidates.append(Candidate(mem.Strategy(0, diloco=True), pcs[0].micro_batch, pcs[0].grad_accum, figures))
+        candidates.append(Candidate(Strategy(0, diloco=True), pcs[0].micro_batch, pcs[0].grad_accum, figures))
 
     fitting = [c for c in candidates if c.fits]
     notes: list[str] = []
@@ -320,75 +321,6 @@ def plan_precision(job: JobConfig, nodes: list[NodeInventory], on_gpu: bool) -> 
     return resolve_precision(job.train.precision, capabilities, all(n.cpu_bf16 for n in nodes))
 
 
-def allowed_strategies(job: JobConfig) -> list[mem.Strategy]:
-    """The strategies this job's settings allow, in the planner's order of preference.
-
-    ``train.strategy`` picks the kind (``auto``: both); ``offload.params`` and
-    ``offload.optimizer`` pick the offload targets (``auto``: any, NVMe only when
-    ``offload.nvme_path`` names a folder); only AdamW runs off the device (DeepSpeed's CPU Adam);
-    DoRA on a 4-bit base runs only without ZeRO-3.
-
-    Raises:
-        UserError: the settings exclude every strategy.
-    """
-    offload, train = job.offload, job.train
-    if train.strategy == "diloco":
-        return []  # each PC of a diloco run is planned on its own (swarm.plan.diloco)
-    kinds = ("replicate", "shard") if train.strategy == "auto" else (train.strategy,)
-
-    def allows(setting: str, target: str) -> bool:
-        if setting == "auto":
-            return target != "nvme" or bool(offload.nvme_path)
-        return setting == target
-
-    allowed = [
-        s for s in mem.STRATEGIES
-        if s.kind in kinds and allows(offload.params, s.offload_params) and allows(offload.optimizer, s.offload_optimizer)
-        and (s.offload_optimizer == "none" or train.optimizer == "adamw")
-        and not (s.zero_stage == 3 and dora_needs_whole_4bit_weights(job))
-    ]
-    if not allowed and dora_needs_whole_4bit_weights(job):
-        raise UserError(DORA_ZERO3)
-    if not allowed:
-        raise UserError(
-            f"train.strategy={train.strategy} keeps the whole 4-bit base on every worker and offloads only the "
-            f"optimizer, to CPU RAM; it cannot take offload.params={offload.params} with "
-            f"offload.optimizer={offload.optimizer}; use train.strategy=shard or change the offload settings"
-        )
-    return allowed
-
-
-DORA_ZERO3 = (
-    "lora.use_dora with a 4-bit base cannot train under ZeRO-3 (train.strategy=shard, or offload.params cpu or "
-    "nvme): peft's DoRA reads each whole 4-bit weight, which ZeRO-3 keeps partitioned; use train.strategy=replicate "
-    "with offload.params=none, quantization.bits=none, or lora.use_dora=false"
-)
-
-
-def dora_needs_whole_4bit_weights(job: JobConfig) -> bool:
-    """DoRA on a 4-bit base: peft dequantizes every whole weight, which ZeRO-3 partitions (tested: it fails)."""
-    return job.lora.use_dora and job.quantization.bits == 4
-
-
-def strategy_reason(job: JobConfig, chosen: Candidate, candidates: list[Candidate], world: int) -> str:
-    """Why ``chosen`` won, in one line."""
-    if job.train.strategy != "auto":
-        return f"train.strategy={job.train.strategy} in the job"
-    others = [c for c in candidates if c.strategy.kind != chosen.strategy.kind]
-    prefix = "one worker; " if world == 1 else ""
-    if not others:
-        return f"{prefix}the job's offload settings need {chosen.strategy.label}"
-    best_other = min(others, key=lambda c: (not c.fits, c.step_seconds))
-    if not best_other.fits:
-        return f"{prefix}{best_other.strategy.kind} does not fit ({best_other.problem})"
-    return (f"{prefix}fastest that fits: about {_seconds(chosen.step_seconds)} per step against "
-            f"{_seconds(best_other.step_seconds)} for {best_other.strategy.name}")
-
-
-def _seconds(value: float) -> str:
-    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
-
-
 def workload_from_job(job: JobConfig, compute_bytes: int = 2, data_tokens: int = 0) -> mem.Workload:
     """The planner's view of a job: shapes of the work, not file names."""
     preference = job.train.method in ("dpo", "orpo")
@@ -404,41 +336,8 @@ def workload_from_job(job: JobConfig, compute_bytes: int = 2, data_tokens: int =
     )
 
 
-def inventory_from_cluster(insecure: bool = False) -> list[NodeInventory]:
-    """The live swarm's nodes that are alive, as their agents report them; the head first.
-
-    Args:
-        insecure: the swarm runs without a secret (``swarm up --insecure``).
-
-    Raises:
-        UserError: no swarm is recorded on this PC, none of its nodes answers, or this
-            install lacks the cluster parts.
-    """
-    no_swarm = "no running swarm; run `swarm up` or pass --hardware FILE"
-    try:
-        from swarm.cluster import state
-        from swarm.home import resolve_secret
-    except ImportError:
-        raise UserError(no_swarm) from None
-    if state.load_cluster_state() is None:
-        raise UserError(no_swarm)
-    status = state.cluster_status(resolve_secret(insecure))
-    live = [n for n in status.get("nodes", []) if n.get("alive") and n.get("ram_bytes")]
-    if not live:
-        raise UserError(no_swarm + (f" ({status['error']})" if status.get("error") else ""))
-    live.sort(key=lambda n: n.get("role") != "head")
-    return [
-        NodeInventory(
-            hostname=n.get("hostname") or n["address"], ram_bytes=int(n["ram_bytes"]),
-            gpus=tuple(GpuInfo(g["name"], int(g["vram_bytes"])) for g in n.get("gpus") or ()),
-            address=n["address"], offload_free_bytes=n.get("offload_free_bytes"),
-        )
-        for n in live
-    ]
-
-
 def _node_figures(node: NodeInventory, is_head: bool, workers: int, device: str, shape: ModelShape,
-                  work: mem.Workload, strategy: mem.Strategy, world: int, knobs: mem.ZeroKnobs,
+                  work: mem.Workload, strategy: Strategy, world: int, knobs: mem.ZeroKnobs,
                   overheads: mem.Overheads, link_gbps: float | None, grad_accum: int, multi_node: bool) -> NodeFigures:
     wterms = mem.worker_terms(shape, work, strategy, world, knobs, device, overheads)
     nterms = mem.node_terms(work, is_head, overheads, shape.lora_params(work.lora_targets, work.lora_r))

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from swarm.config.models import JobConfig
-from swarm.plan.memory import Strategy, ZeroKnobs
+from swarm.plan.memory import ZeroKnobs
+from swarm.plan.strategy import Strategy
 
 NVME_AIO = {"block_size": 1_048_576, "queue_depth": 8, "intra_op_parallelism": 1,
             "single_submit": False, "overlap_events": True}

@@ -16,12 +16,8 @@ Sources of the formulas:
 - 4-bit storage: Dettmers et al., "QLoRA" (arXiv:2305.14314) §3: NF4 codes take 4 bits; one
   fp32 absmax per 64-weight block is 0.5 bit per weight, and double quantization stores it as
   8 bits plus one fp32 constant per 256 blocks, 8/64 + 32/(64*256) = 0.127 bit per weight.
-- Activations: Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
-  Models" (arXiv:2205.05198) §4.1 count the tensors autograd keeps per layer, sbh(34 + 5as/h)
-  for GPT-3 blocks. The same count is redone below for Llama-style blocks as transformers
-  writes them (RMSNorm saving an fp32 copy, SwiGLU, grouped-query attention through SDPA's
-  memory-efficient kernel, no dropout) and for the logits and loss, which dominate with
-  vocabularies of 128k-256k tokens.
+- Activations: Korthikanti et al. (arXiv:2205.05198), redone for Llama-style blocks in
+  ``swarm.plan.activations``.
 - DeepSpeed buffers: the ZeRO-3 config reference (stage3_prefetch_bucket_size,
   stage3_max_live_parameters, stage3_param_persistence_threshold, reduce_bucket_size) and
   deepspeed/runtime/zero/stage3.py, which allocates the reduce bucket eagerly at full size.
@@ -32,98 +28,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from swarm.plan.activations import activation_terms
 from swarm.plan.shapes import ModelShape
+from swarm.plan.strategy import Strategy
 
 GiB = 1024**3
 PLACES = ("gpu", "ram", "nvme")
-OFFLOAD_TARGETS = ("none", "cpu", "nvme")
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """How the work is spread over the workers, and where ZeRO keeps what.
-
-    Two kinds, one name each across planner and trainer:
-
-    - ``replicate`` (ZeRO-2): every worker holds the whole 4-bit base; only LoRA gradients
-      and weights cross the network, and the LoRA optimizer state is partitioned, in CPU
-      RAM when ``offload_optimizer`` is ``cpu`` (ZeRO-2 offloads nowhere else).
-    - ``shard`` (ZeRO-3): the base is partitioned over the workers, its partitions kept on
-      the device, in CPU RAM or on NVMe (``offload_params``), the optimizer state likewise.
-    - ``diloco``: each PC trains on its own with one of the two above inside it (each PC's
-      own plan says which) and the PCs exchange adapters every few steps (``swarm.plan.diloco``);
-      ``zero_stage`` is 0 here, as the stage is each PC's.
-    """
-
-    zero_stage: int
-    offload_params: str = "none"
-    offload_optimizer: str = "none"
-    diloco: bool = False
-
-    def __post_init__(self):
-        if self.diloco:
-            if (self.zero_stage, self.offload_params, self.offload_optimizer) != (0, "none", "none"):
-                raise ValueError("diloco's ZeRO stage and offload are each PC's own")
-            return
-        if self.zero_stage not in (2, 3):
-            raise ValueError(f"zero_stage must be 2 (replicate) or 3 (shard), not {self.zero_stage}")
-        if self.offload_params not in OFFLOAD_TARGETS or self.offload_optimizer not in OFFLOAD_TARGETS:
-            raise ValueError("offload targets are none, cpu or nvme")
-        if self.offload_params != "none" and self.zero_stage != 3:
-            raise ValueError("parameter offload needs ZeRO stage 3 (shard)")
-        if self.offload_optimizer == "nvme" and self.zero_stage != 3:
-            raise ValueError("ZeRO-2 (replicate) offloads the optimizer to CPU RAM only")
-
-    @property
-    def kind(self) -> str:
-        if self.diloco:
-            return "diloco"
-        return "replicate" if self.zero_stage == 2 else "shard"
-
-    @property
-    def name(self) -> str:
-        name = self.kind
-        if self.offload_params != "none":
-            name += f"-params-{self.offload_params}"
-        if self.offload_optimizer != "none":
-            name += f"-opt-{self.offload_optimizer}"
-        return name
-
-    @property
-    def label(self) -> str:
-        if self.diloco:
-            return "each PC trains on its own, adapters exchanged every few steps (DiLoCo)"
-        where = {"cpu": "CPU RAM", "nvme": "NVMe"}
-        parts = ["replicated 4-bit base, ZeRO-2" if self.zero_stage == 2 else "sharded base, ZeRO-3"]
-        if self.offload_params != "none":
-            parts.append(f"parameters in {where[self.offload_params]}")
-        if self.offload_optimizer != "none":
-            parts.append(f"optimizer in {where[self.offload_optimizer]}")
-        return ", ".join(parts)
-
-    @property
-    def uses_nvme(self) -> bool:
-        return "nvme" in (self.offload_params, self.offload_optimizer)
-
-    def to_dict(self) -> dict:
-        return {"name": self.kind, "variant": self.name, "zero_stage": self.zero_stage,
-                "offload_params": self.offload_params, "offload_optimizer": self.offload_optimizer,
-                "label": self.label}
-
-
-# Every strategy the planner knows, preferred first when two are estimated equally fast.
-# For QLoRA the optimizer state covers only the adapters, so the NVMe choices matter for
-# the parameters.
-STRATEGIES = (
-    Strategy(2),
-    Strategy(2, "none", "cpu"),
-    Strategy(3),
-    Strategy(3, "none", "cpu"),
-    Strategy(3, "cpu", "none"),
-    Strategy(3, "cpu", "cpu"),
-    Strategy(3, "nvme", "cpu"),
-    Strategy(3, "nvme", "nvme"),
-)
 
 
 @dataclass(frozen=True)
@@ -411,72 +321,6 @@ def node_terms(work: Workload, is_head: bool, overheads: Overheads = OVERHEADS, 
         terms.append(Term("newest checkpoint in the mailbox and the driver", "ram",
                           2 * checkpoint_bytes(lora_params, work.optimizer), "train", "node"))
     return terms
-
-
-def activation_terms(shape: ModelShape, work: Workload) -> list[tuple[str, int]]:
-    """Activation memory of one micro-batch at its peak, as (name, bytes) pairs.
-
-    With gradient checkpointing each decoder layer keeps only its input; the backward pass
-    then holds one recomputed layer at a time, and before that the logits and the loss. The
-    two do not coexist, so the larger is the peak. Without checkpointing every layer keeps
-    all it saved for backward while the loss is computed.
-    """
-    tokens = work.seq_len * work.micro_batch * work.sequences  # a preference pair is two sequences
-    d = work.compute_bytes
-    h = shape.hidden_size
-    per_layer = layer_activation_bytes(shape, work) * tokens
-    logits = logits_peak_bytes(shape, work) * tokens
-    if work.gradient_checkpointing:
-        checkpoints = shape.num_layers * d * h * tokens
-        recompute = per_layer + 3 * d * h * tokens  # plus the gradients flowing through it
-        if logits >= recompute:
-            return [("activations: layer checkpoints", checkpoints), ("activations: logits and loss", logits)]
-        return [("activations: layer checkpoints", checkpoints), ("activations: one layer recomputed", recompute)]
-    return [("activations: all layers", shape.num_layers * per_layer), ("activations: logits and loss", logits)]
-
-
-def layer_activation_bytes(shape: ModelShape, work: Workload) -> int:
-    """Bytes per token that one decoder layer saves for backward (see the module docstring).
-
-    Counted tensor by tensor for a Llama-style block in transformers: each RMSNorm saves its
-    input upcast to fp32 (4h); the attention input (h) is saved once, shared by the frozen
-    4-bit matmul and LoRA's A; SDPA keeps q, k, v and its output; o_proj keeps a contiguous
-    copy of that output; the MLP input (h); SwiGLU keeps gate, act(gate), up and their
-    product (4i). Eager attention (or Gemma 2's soft-capped logits, which need it) also
-    keeps the fp32 softmax and its 16-bit copy per head and key position.
-    """
-    d = work.compute_bytes
-    h, i = shape.hidden_size, shape.intermediate_size
-    h_q = shape.num_heads * shape.head_dim
-    h_kv = shape.num_kv_heads * shape.head_dim
-    norms = 4 if shape.model_type.startswith("gemma2") else 2  # Gemma 2 adds post-norms
-    eager = work.eager_attention or shape.attention_softcapping
-    # SDPA's GQA path needs no mask; a mask (sliding window) or eager attention expands k, v.
-    kv_saved = 2 * h_q if eager else 2 * h_kv
-    per_token = (
-        norms * 4 * h
-        + d * h  # attention input
-        + d * (h_q + kv_saved)  # q, k, v after rotary embedding
-        + 2 * d * h_q  # attention output and o_proj's contiguous input
-        + d * h  # MLP input
-        + 4 * d * i  # gate, act(gate), up, product
-        + 7 * work.lora_r * d  # LoRA A outputs
-    )
-    if eager:
-        per_token += shape.num_heads * work.seq_len * (4 + d)
-    return per_token
-
-
-def logits_peak_bytes(shape: ModelShape, work: Workload) -> int:
-    """Bytes per token of the logits and the loss at the start of backward.
-
-    The model output keeps the logits (d bytes per vocabulary entry); the loss upcasts them
-    to fp32 and log_softmax keeps its fp32 output; backward then adds the fp32 gradient of
-    that output and of its input: d + 12 bytes per entry. Soft-capping keeps two more copies.
-    """
-    d = work.compute_bytes
-    per_entry = d + 12 + (2 * d if shape.attention_softcapping else 0)
-    return shape.vocab_size * per_entry + (4 + d) * shape.hidden_size  # plus final norm and head input
 
 
 def peak(terms: list[Term], where: str) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from swarm.cli import main
-from swarm.plan.hardware_file import load_hardware
+from swarm.plan.inventories import load_hardware
 
 ROOT = Path(__file__).resolve().parents[2]
 HARDWARE = sorted((ROOT / "configs" / "hardware").glob("*.yaml"))

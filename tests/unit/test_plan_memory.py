@@ -8,8 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarm.plan import memory as mem
+from swarm.plan.activations import activation_terms, layer_activation_bytes
 from swarm.plan.shapes import load_shape
 from swarm.plan.speed import traffic_per_step
+from swarm.plan.strategy import STRATEGIES, Strategy
 
 GiB = 1024**3
 MODELS = ["qwen2.5-0.5b", "llama-3.1-8b", "gemma-2-9b", "qwen2.5-72b"]
@@ -33,7 +35,7 @@ def gpu_peak(shape, work, strategy, world):
 
 
 def activations(shape, work):
-    return sum(b for _, b in mem.activation_terms(shape, work))
+    return sum(b for _, b in activation_terms(shape, work))
 
 
 def test_quantization_constants_follow_qlora():
@@ -51,7 +53,7 @@ def test_trainable_state_matches_deepspeed_estimator():
     lora = shape.lora_params("all-linear", 16)
     _, gpu, largest = estimate_zero3_model_states_mem_needs(lora, 0, cpu_offload=False)
     work = mem.Workload(seq_len=16, micro_batch=1)
-    terms = {t.name: t.bytes for t in mem.worker_terms(shape, work, mem.Strategy(3), 1, mem.choose_knobs(shape, work, 1))}
+    terms = {t.name: t.bytes for t in mem.worker_terms(shape, work, Strategy(3), 1, mem.choose_knobs(shape, work, 1))}
     ours = lora * 2 + terms["optimizer state partition"]  # the bf16 LoRA weights, plus their optimizer state
     assert ours == gpu - largest
 
@@ -60,7 +62,7 @@ def test_trainable_state_matches_deepspeed_estimator():
 @given(model=st.sampled_from(MODELS), work=workloads, world=st.integers(1, 8))
 def test_more_offload_never_raises_the_gpu_figure(model, work, world):
     shape = load_shape(model)
-    s = {x.name: x for x in mem.STRATEGIES}
+    s = {x.name: x for x in STRATEGIES}
     g = {name: gpu_peak(shape, work, strategy, world) for name, strategy in s.items()}
     assert g["shard-opt-cpu"] <= g["shard"]
     assert g["shard-params-cpu"] <= g["shard"]
@@ -92,13 +94,13 @@ def test_zero3_partition_shrinks_with_workers():
 
     def partition(world):
         knobs = mem.choose_knobs(shape, work, world)
-        terms = mem.worker_terms(shape, work, mem.Strategy(3), world, knobs, "gpu")
+        terms = mem.worker_terms(shape, work, Strategy(3), world, knobs, "gpu")
         return next(t.bytes for t in terms if t.name == "ZeRO-3 parameter partition")
 
     # 68.45 B weights at 4 bits, 2.1 B at 16 bits and 207 M LoRA at 16 bits: 36.2 GiB.
     assert 36.0 * GiB < partition(1) < 36.4 * GiB
     assert abs(partition(1) / partition(4) - 4) < 1e-6
-    assert gpu_peak(shape, work, mem.Strategy(3), 4) < gpu_peak(shape, work, mem.Strategy(3), 1) - 27 * GiB
+    assert gpu_peak(shape, work, Strategy(3), 4) < gpu_peak(shape, work, Strategy(3), 1) - 27 * GiB
 
 
 def test_llama_8b_activation_figure_is_in_the_published_range():
@@ -107,13 +109,13 @@ def test_llama_8b_activation_figure_is_in_the_published_range():
     # a similar order without the s^2 term: within 1-2x of sbh * 34.
     shape = load_shape("llama-3.1-8b")
     work = mem.Workload(seq_len=2048, micro_batch=1)
-    per_layer = mem.layer_activation_bytes(shape, work)
+    per_layer = layer_activation_bytes(shape, work)
     assert 1.0 < per_layer / (34 * shape.hidden_size) < 2.0
 
 
 def test_logits_dominate_short_checkpointed_runs_of_large_vocabularies():
     shape = load_shape("llama-3.1-8b")  # 128k vocabulary
-    terms = dict(mem.activation_terms(shape, mem.Workload(seq_len=2048, micro_batch=1)))
+    terms = dict(activation_terms(shape, mem.Workload(seq_len=2048, micro_batch=1)))
     assert terms["activations: logits and loss"] > 3 * GiB
     assert terms["activations: layer checkpoints"] == 32 * 2 * 4096 * 2048
 
@@ -127,17 +129,17 @@ def test_offloaded_parts_move_to_ram_and_nvme():
         terms = mem.worker_terms(shape, work, strategy, 1, knobs, "gpu")
         return {t.where for t in terms if name_part in t.name}
 
-    assert where(mem.Strategy(3, "cpu", "none"), "parameter partition") == {"ram"}
-    assert where(mem.Strategy(3, "nvme", "cpu"), "parameter partition") == {"nvme"}
-    assert where(mem.Strategy(3, "cpu", "cpu"), "optimizer") == {"ram"}
+    assert where(Strategy(3, "cpu", "none"), "parameter partition") == {"ram"}
+    assert where(Strategy(3, "nvme", "cpu"), "parameter partition") == {"nvme"}
+    assert where(Strategy(3, "cpu", "cpu"), "optimizer") == {"ram"}
     # The 4-bit constants live in the weights' quant_state, which ZeRO neither partitions nor offloads.
-    assert where(mem.Strategy(3, "cpu", "cpu"), "quantization constants") == {"gpu"}
+    assert where(Strategy(3, "cpu", "cpu"), "quantization constants") == {"gpu"}
 
 
 def test_cpu_worker_keeps_everything_in_ram():
     shape = load_shape("qwen2.5-0.5b")
     work = mem.Workload(seq_len=256, micro_batch=1)
-    terms = mem.worker_terms(shape, work, mem.Strategy(3), 1, mem.choose_knobs(shape, work, 1), "cpu")
+    terms = mem.worker_terms(shape, work, Strategy(3), 1, mem.choose_knobs(shape, work, 1), "cpu")
     assert {t.where for t in terms} == {"ram"}
     assert not any("CUDA" in t.name for t in terms)
 
@@ -152,13 +154,13 @@ def test_traffic_replicate_is_a_small_fraction_of_zero3():
     shape = load_shape("llama-3.1-70b")
     work = mem.Workload(seq_len=2048, micro_batch=1)
     knobs = mem.choose_knobs(shape, work, 2)
-    rep = sum(traffic_per_step(shape, work, mem.Strategy(2), 2, knobs, 8).values())
-    z3 = sum(traffic_per_step(shape, work, mem.Strategy(3), 2, knobs, 8).values())
+    rep = sum(traffic_per_step(shape, work, Strategy(2), 2, knobs, 8).values())
+    z3 = sum(traffic_per_step(shape, work, Strategy(3), 2, knobs, 8).values())
     # ZeRO-2: a reduce-scatter of the LoRA gradients in each of the 8 micro-steps, one all-gather
     # of the updated LoRA weights; each sends half of the 16-bit data from each of 2 workers.
     assert rep == (8 + 1) * 0.5 * shape.lora_params("all-linear", 16) * 2
     assert rep * 100 < z3
-    assert traffic_per_step(shape, work, mem.Strategy(3), 1, knobs, 8) == {}
+    assert traffic_per_step(shape, work, Strategy(3), 1, knobs, 8) == {}
 
 
 def _saved_bytes_of_one_layer(arch: str, quantize: bool, seq_len: int, batch: int, tmp_path) -> tuple[int, dict]:
@@ -208,7 +210,7 @@ def test_layer_activation_formula_matches_autograd(tmp_path):
         measured, config = _saved_bytes_of_one_layer(arch, quantize, 128, 2, tmp_path / str(i))
         shape = shape_from_config(arch, json.dumps({k: v for k, v in config.items() if not k.startswith("_")}))
         work = mem.Workload(seq_len=128, micro_batch=2, lora_r=8, bits=4 if quantize else None)
-        predicted = mem.layer_activation_bytes(shape, work) * 128 * 2
+        predicted = layer_activation_bytes(shape, work) * 128 * 2
         assert 0.9 < predicted / measured < 1.1, (arch, predicted, measured)
 
 

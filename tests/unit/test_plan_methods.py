@@ -10,9 +10,11 @@ from swarm.config.models import JobConfig
 from swarm.errors import UserError
 from swarm.inventory import GpuInfo, NodeInventory
 from swarm.plan import memory as mem
-from swarm.plan.decide import allowed_strategies, make_plan, workload_from_job
+from swarm.plan.activations import activation_terms
+from swarm.plan.decide import make_plan, workload_from_job
 from swarm.plan.shapes import load_shape
 from swarm.plan.speed import flops_per_token, traffic_per_step
+from swarm.plan.strategy import Strategy, allowed_strategies
 
 GiB = 1024**3
 PC = NodeInventory(hostname="desktop", ram_bytes=64 * GiB, gpus=(GpuInfo("RTX 4090", 24 * GiB),))
@@ -30,14 +32,14 @@ def test_dpo_counts_both_answers_and_the_reference_pass():
     sft, dpo, orpo = (workload_from_job(job(m)) for m in ("sft", "dpo", "orpo"))
     assert (dpo.sequences, dpo.reference_passes) == (2, 1) and (orpo.sequences, orpo.reference_passes) == (2, 0)
     # A pair is two sequences: the activations of micro-batch 2 are those of 4 sequences.
-    assert mem.activation_terms(shape, dpo) == mem.activation_terms(shape, replace(sft, micro_batch=4))
-    assert mem.activation_terms(shape, orpo) == mem.activation_terms(shape, dpo)
+    assert activation_terms(shape, dpo) == activation_terms(shape, replace(sft, micro_batch=4))
+    assert activation_terms(shape, orpo) == activation_terms(shape, dpo)
     # The reference adds one forward pass (2N per token) to forward, recomputation and
     # backward (6N with checkpointing): a third more compute per token. ZeRO-3 gathers for it too.
     assert flops_per_token(shape, orpo) == flops_per_token(shape, sft)
     assert 0.3 < flops_per_token(shape, dpo) / flops_per_token(shape, sft) - 1 < 0.36
     knobs = mem.choose_knobs(shape, sft, 2)
-    zero3 = mem.Strategy(3)
+    zero3 = Strategy(3)
     gathered = {w: traffic_per_step(shape, w, zero3, 2, knobs, 8)["all-gather parameters"] for w in (sft, dpo)}
     assert gathered[dpo] == gathered[sft] * 4 // 3  # forward, recomputation, backward + the reference
 

@@ -1,4 +1,6 @@
-"""Inventories for planning: a hardware file the user writes, or this machine.
+"""Inventories of other machines for planning: a hardware file the user writes, or the nodes
+of the running swarm as their agents report them (this machine's own is
+``swarm.hardware.inventory``).
 
 A hardware file describes machines that need not exist yet::
 
@@ -111,3 +113,36 @@ def _node(path: Path, entry: NodeEntry) -> NodeInventory:
         offload_free_bytes=int(entry.nvme_gb * 1e9) if entry.nvme_gb is not None else None,
         offload_write_bytes_per_s=entry.nvme_write_gbs * 1e9 if entry.nvme_write_gbs else None,
     )
+
+
+def inventory_from_cluster(insecure: bool = False) -> list[NodeInventory]:
+    """The live swarm's nodes that are alive, as their agents report them; the head first.
+
+    Args:
+        insecure: the swarm runs without a secret (``swarm up --insecure``).
+
+    Raises:
+        UserError: no swarm is recorded on this PC, none of its nodes answers, or this
+            install lacks the cluster parts.
+    """
+    no_swarm = "no running swarm; run `swarm up` or pass --hardware FILE"
+    try:
+        from swarm.cluster import state
+        from swarm.home import resolve_secret
+    except ImportError:
+        raise UserError(no_swarm) from None
+    if state.load_cluster_state() is None:
+        raise UserError(no_swarm)
+    status = state.cluster_status(resolve_secret(insecure))
+    live = [n for n in status.get("nodes", []) if n.get("alive") and n.get("ram_bytes")]
+    if not live:
+        raise UserError(no_swarm + (f" ({status['error']})" if status.get("error") else ""))
+    live.sort(key=lambda n: n.get("role") != "head")
+    return [
+        NodeInventory(
+            hostname=n.get("hostname") or n["address"], ram_bytes=int(n["ram_bytes"]),
+            gpus=tuple(GpuInfo(g["name"], int(g["vram_bytes"])) for g in n.get("gpus") or ()),
+            address=n["address"], offload_free_bytes=n.get("offload_free_bytes"),
+        )
+        for n in live
+    ]
