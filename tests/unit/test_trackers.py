@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 
@@ -82,5 +83,7 @@ def test_a_resumed_run_continues_the_same_runs(tmp_path, monkeypatch):
     events.Reload()
     assert {e.step: e.value for e in events.Scalars("loss")} == {1: 9.0, 2: 8.0, 3: 2.0, 4: 1.0}
 
+    # One folder per session, both of the one run id (W&B adds "-1" when both start in the same second).
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert runs and all(r.name.endswith(ids["wandb"]) for r in runs)
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{ids['wandb']}(-\d+)?", r.name)
+                                  for r in runs), runs
