@@ -29,9 +29,11 @@ class ray_session:
     def __enter__(self) -> str | None:
         import ray
 
-        from swarm.train.trainer import LOCAL_RAY_SYSTEM_CONFIG
+        from swarm.train.trainer import LOCAL_RAY_SYSTEM_CONFIG, route_ray_errors
 
         settings = self.job.ray
+        # Cluster errors (a PC marked dead) as one note line each, never over the progress output.
+        route_ray_errors(lambda line: print(line, file=sys.stderr, flush=True))
         self.job_id = None
         if settings.address:
             context = ray.init(address=settings.address, log_to_driver=False, logging_level="ERROR")

@@ -30,13 +30,16 @@ naming the part a Ray upgrade changed):
   ``after_controller_start``, ``_maybe_send_resource_request``, ``_send_resource_request``;
 - ``ray.train._internal.utils.get_address_and_port``;
 - Ray's system config key ``prestart_worker_first_driver`` (``LOCAL_RAY_SYSTEM_CONFIG``)
-  and the ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` variable.
+  and the ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` variable;
+- ``ray._private.worker.print_to_stdstream``, which the driver's error-message thread
+  (``listen_error_messages``) calls for every cluster error (``route_ray_errors``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 
 from ray.train.backend import Backend, BackendConfig
 
@@ -131,3 +134,28 @@ def lean_trainer(*args, ray_started_here: bool, **kwargs):
     # Read by Ray Train's controller, which gets it from the driver's environment.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return LeanTrainer(*args, **kwargs)
+
+
+def route_ray_errors(say) -> None:
+    """Give the cluster errors Ray prints in the driver to ``say``, one line each.
+
+    Ray's driver prints every error the cluster publishes (a PC marked dead, a worker
+    killed for memory) to stdout in colour, over several lines, whatever ``log_to_driver``
+    says; in ``swarm train`` they tore the progress output and its last line, ``run:``.
+    swarm reports the consequence itself (``worker 0 failed``, ``workers restarted``), so
+    the error keeps only its first sentence, as a note.
+    """
+    import ray._private.worker as ray_worker
+
+    def print_as_note(data: dict, ignore_prefix: bool = False) -> None:
+        for text in data.get("lines", []):
+            say(f"note: Ray: {first_sentence(text)}")
+
+    ray_worker.print_to_stdstream = print_as_note
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of a message, without colour codes or line breaks, at most 300 characters."""
+    plain = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())
+    end = plain.find(". ")
+    return (plain if end < 0 else plain[:end + 1])[:300]

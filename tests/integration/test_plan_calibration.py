@@ -94,14 +94,15 @@ def test_a_model_the_overheads_were_not_fitted_to(holdout_model, tmp_path):
 
 
 def check_plan_against_run(model, tmp_path, bits, params, optimizer, label: str) -> None:
-    # One worker whose parameters stay put is planned as replicate (ZeRO-2): nothing to shard.
-    strategy = Strategy(3 if params != "none" else 2, params, optimizer)
+    # The overheads were fitted to ZeRO-3 workers: the strategy is forced, since `auto` plans
+    # one worker whose parameters stay put as replicate (ZeRO-2).
+    strategy = Strategy(3, params, optimizer)
     job = write_job(
         tmp_path, model,
         quantization={"bits": bits},
         data={"seq_len": 64, "eval_fraction": 0},
         train={"max_steps": 3, "micro_batch": 1, "grad_accum": 1, "warmup_steps": 0,
-               "eval_every": 100, "checkpoint_every": 100},
+               "eval_every": 100, "checkpoint_every": 100, "strategy": "shard"},
         offload={"params": params, "optimizer": optimizer},
     )
     run_dir = run_dir_of(swarm("train", str(job), cwd=tmp_path))

@@ -60,3 +60,28 @@ def test_the_preemption_watcher_switch_is_read_by_ray_train():
     root = Path(v2.__file__).parent
     assert any("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" in p.read_text() for p in root.rglob("*.py")), (
         f"Ray {ray.__version__} no longer reads RAY_TRAIN_ENABLE_PREEMPTION_WATCHER; swarm/train/trainer.py sets it")
+
+
+DEAD_NODE = ("\x1b[33m(raylet)\x1b[0m The node with node id: 5f2a and address: 198.18.0.3 and node name: "
+             "198.18.0.3 has been marked dead because the detector has missed too many heartbeats from it. "
+             "This can happen when a \n\t(1) raylet crashes unexpectedly (OOM, etc.) \n"
+             "\t(2) raylet has lagging heartbeats due to slow network or busy workload.")
+
+
+def test_cluster_errors_reach_swarm_as_one_note_line(monkeypatch):
+    """Ray's driver prints each cluster error through print_to_stdstream, in colour, over
+    several lines; swarm takes that function's place and keeps the first sentence."""
+    import ray._private.worker as ray_worker
+
+    from swarm.train.trainer import route_ray_errors
+
+    listener = inspect.getsource(ray_worker.listen_error_messages)
+    assert "print_to_stdstream(" in listener, (
+        f"Ray {ray.__version__}: listen_error_messages no longer prints through print_to_stdstream; "
+        "swarm/train/trainer.py route_ray_errors relies on it")
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored after
+    notes = []
+    route_ray_errors(notes.append)
+    ray_worker.print_to_stdstream({"lines": [DEAD_NODE], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    assert notes == ["note: Ray: (raylet) The node with node id: 5f2a and address: 198.18.0.3 and node name: "
+                     "198.18.0.3 has been marked dead because the detector has missed too many heartbeats from it."]
