@@ -29,8 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # lab: the network-namespace hosts
 sys.path.insert(0, str(REPO / "tests" / "bench"))
 
-from bench_swarm_train import CONFIG, DEMO_TEXT, job_file  # noqa: E402
-from bench_up import wait_healthy  # noqa: E402
+from bench_swarm_train import DEMO_TEXT, bring_up, job_file  # noqa: E402
 
 from lab.netlab import NetLab  # noqa: E402
 
@@ -88,17 +87,7 @@ def main() -> int:
           f"{args.steps} steps per run, CPU offload where the strategy allows; {os.cpu_count()} CPUs")
     table = []
     with NetLab(3) as lab:
-        lab.swarm(1, "init")
-        for host in (2, 3):
-            shutil.copy2(lab.home(1) / "secret", lab.home(host) / "secret")
-        for host in (1, 2, 3):
-            lab.popen(host, [sys.executable, "-m", "swarm", "agent", "--listen", f"{lab.address(host)}:7077"],
-                      lab.root / f"agent-h{host}.log")
-        for host in (1, 2, 3):
-            wait_healthy(lab, host)
-        up = lab.swarm(1, "up", str(CONFIG), timeout=600)
-        if up.returncode != 0:
-            raise SystemExit(f"swarm up failed:\n{up.stdout}\n{up.stderr}")
+        bring_up(lab)
         for rate in args.rates.split(","):
             cap(lab, rate)
             for name, train in RUNS:

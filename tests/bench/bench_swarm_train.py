@@ -86,6 +86,21 @@ def run(lab: NetLab, job: Path) -> dict:
     }
 
 
+def bring_up(lab: NetLab, flags: list[str] | tuple[str, ...] = (), insecure: bool = False) -> None:
+    """One secret on the three hosts, an agent on each, then `swarm up` from host 1."""
+    lab.swarm(1, "init")
+    for host in (2, 3):
+        shutil.copy2(lab.home(1) / "secret", lab.home(host) / "secret")
+    for host in (1, 2, 3):
+        lab.popen(host, [sys.executable, "-m", "swarm", "agent", "--listen", f"{lab.address(host)}:7077", *flags],
+                  lab.root / f"agent-h{host}.log")
+    for host in (1, 2, 3):
+        wait_healthy(lab, host, insecure=insecure)
+    up = lab.swarm(1, "up", str(CONFIG), *flags, timeout=600)
+    if up.returncode != 0:
+        raise SystemExit(f"swarm up failed:\n{up.stdout}\n{up.stderr}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", default="100mbit", help="link rate per host (tc syntax), default 100mbit")
@@ -104,17 +119,7 @@ def main() -> int:
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     results = []
     with NetLab(3) as lab:
-        lab.swarm(1, "init")
-        for host in (2, 3):
-            shutil.copy2(lab.home(1) / "secret", lab.home(host) / "secret")
-        for host in (1, 2, 3):
-            lab.popen(host, [sys.executable, "-m", "swarm", "agent", "--listen", f"{lab.address(host)}:7077", *flags],
-                      lab.root / f"agent-h{host}.log")
-        for host in (1, 2, 3):
-            wait_healthy(lab, host, insecure=args.insecure)
-        up = lab.swarm(1, "up", str(CONFIG), *flags, timeout=600)
-        if up.returncode != 0:
-            raise SystemExit(f"swarm up failed:\n{up.stdout}\n{up.stderr}")
+        bring_up(lab, flags, insecure=args.insecure)
         shape(lab, args.rate)
         for train in ({"strategy": "replicate"}, {"strategy": "shard"}, {"workers": 1}):
             results.append(run(lab, job_file(work, model, args.steps, **train)))

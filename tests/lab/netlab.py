@@ -43,22 +43,15 @@ def namespaces() -> list[str]:
 
 def kill_namespace_processes(ns: str, grace_s: float = 5.0) -> int:
     """SIGTERM, then SIGKILL, every process inside namespace ``ns``; how many there were."""
-    pids = [int(p) for p in _ip("netns", "pids", ns, check=False).stdout.split()]
+    from swarm.cluster.procs import terminate
+
     procs = []
-    for pid in pids:
+    for pid in (int(p) for p in _ip("netns", "pids", ns, check=False).stdout.split()):
         try:
             procs.append(psutil.Process(pid))
-            os.kill(pid, signal.SIGTERM)
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            continue
-    _, left = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in left:
-        try:
-            proc.kill()
         except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(left, timeout=5)
-    return len(procs)
+            continue
+    return terminate(procs, grace_s)
 
 
 def sweep_stale() -> list[str]:
