@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))  # lab: the network-namespace hosts
 
 sys.path.insert(0, str(REPO / "tests" / "bench"))
 
-from bench_up import wait_healthy  # noqa: E402
+from bench_up import start_agents  # noqa: E402
 
 from lab.netlab import NetLab  # noqa: E402
 
@@ -88,14 +88,7 @@ def run(lab: NetLab, job: Path) -> dict:
 
 def bring_up(lab: NetLab, flags: list[str] | tuple[str, ...] = (), insecure: bool = False) -> None:
     """One secret on the three hosts, an agent on each, then `swarm up` from host 1."""
-    lab.swarm(1, "init")
-    for host in (2, 3):
-        shutil.copy2(lab.home(1) / "secret", lab.home(host) / "secret")
-    for host in (1, 2, 3):
-        lab.popen(host, [sys.executable, "-m", "swarm", "agent", "--listen", f"{lab.address(host)}:7077", *flags],
-                  lab.root / f"agent-h{host}.log")
-    for host in (1, 2, 3):
-        wait_healthy(lab, host, insecure=insecure)
+    start_agents(lab, flags, insecure)
     up = lab.swarm(1, "up", str(CONFIG), *flags, timeout=600)
     if up.returncode != 0:
         raise SystemExit(f"swarm up failed:\n{up.stdout}\n{up.stderr}")

@@ -40,18 +40,23 @@ def wait_healthy(lab: NetLab, host: int, timeout_s: float = 120, insecure: bool 
         time.sleep(0.5)
 
 
+def start_agents(lab: NetLab, flags: list[str] | tuple[str, ...] = (), insecure: bool = False) -> None:
+    """One secret on the three hosts and a healthy agent on each."""
+    lab.swarm(1, "init")
+    for host in (2, 3):
+        shutil.copy2(lab.home(1) / "secret", lab.home(host) / "secret")
+    for host in (1, 2, 3):
+        lab.popen(host, [sys.executable, "-m", "swarm", "agent", "--listen", f"{lab.address(host)}:7077", *flags],
+                  lab.root / f"agent-h{host}.log")
+    for host in (1, 2, 3):
+        wait_healthy(lab, host, insecure=insecure)
+
+
 def one_run(insecure: bool) -> tuple[float, float, float, str]:
     """Seconds to all nodes alive, for a repeated up, for `swarm down`; the up output."""
     flags = ["--insecure"] if insecure else []
     with NetLab(3) as lab:
-        lab.swarm(1, "init")
-        for host in (2, 3):
-            shutil.copy2(lab.home(1) / "secret", lab.home(host) / "secret")
-        for host in (1, 2, 3):
-            lab.popen(host, [sys.executable, "-m", "swarm", "agent", "--listen", f"{lab.address(host)}:7077", *flags],
-                      lab.root / f"agent-h{host}.log")
-        for host in (1, 2, 3):
-            wait_healthy(lab, host, insecure=insecure)
+        start_agents(lab, flags, insecure)
         start = time.monotonic()
         first = lab.swarm(1, "up", str(CONFIG), *flags, timeout=600)
         up_s = time.monotonic() - start
