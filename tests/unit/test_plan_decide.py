@@ -61,7 +61,31 @@ def test_70b_on_two_pcs_with_24gb_cards_trains_each_pc_alone_and_exchanges_adapt
     # Each PC is its own single-PC plan, with the job's offload inside it.
     assert [p.strategy.name for p in plan.pcs] == ["shard-params-cpu-opt-cpu"] * 2
     assert all(p.workers == 1 and p.deepspeed["zero_optimization"]["stage"] == 3 for p in plan.pcs)
-    assert plan.sync.every >= 1 and plan.to_dict()["sync"]["bytes_per_worker"] == plan.sync.bytes_per_worker
+    # The exchange (3.7 s) would allow H=1, but DiLoCo's outer momentum needs a few steps between.
+    assert plan.sync.every == 8 and plan.to_dict()["sync"]["bytes_per_worker"] == plan.sync.bytes_per_worker
+
+
+@pytest.mark.parametrize(("exchange_s", "step_s", "max_steps", "momentum", "every"), [
+    (3.7, 138.0, 500, 0.9, 8),    # a cheap exchange: the floor, with momentum
+    (3.7, 138.0, 500, 0.0, 1),    # plain averaging may exchange every step
+    (60.0, 10.0, 500, 0.9, 120),  # a slow link: the exchange within 5% of the training time
+    (60.0, 10.0, 200, 0.9, 50),   # but at least 4 exchanges in the run
+    (3.7, 138.0, 16, 0.9, 4),     # a short run keeps its 4 exchanges over the floor
+])
+def test_proposed_sync_every(exchange_s, step_s, max_steps, momentum, every):
+    from swarm.plan.diloco import propose_every
+
+    assert propose_every(exchange_s, step_s, max_steps, momentum) == every
+
+
+def test_a_few_steps_between_exchanges_with_outer_momentum_gets_a_note():
+    nodes = [pc("pc1", (("RTX 3090", 24),), 64), pc("pc2", (("RTX 3090", 24),), 64)]
+    offload = {"params": "cpu", "optimizer": "cpu"}
+    momentum = make_plan(job("llama-3.1-70b", 1024, 1, 8, offload=offload, train={"sync_every": 2}), nodes)
+    assert momentum.sync.every == 2 and any("outer_momentum=0" in n for n in momentum.notes)
+    averaging = make_plan(job("llama-3.1-70b", 1024, 1, 8, offload=offload,
+                              train={"sync_every": 2, "outer_lr": 1.0, "outer_momentum": 0.0}), nodes)
+    assert not any("outer_momentum=0" in n for n in averaging.notes)
 
 
 def test_70b_forced_to_shard_over_two_pcs():
