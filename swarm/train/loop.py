@@ -36,9 +36,24 @@ def lr_lambda(job: JobConfig):
     return factor
 
 
-def cpu_threads_per_worker(cores: int | None, local_workers: int) -> int:
-    """OpenMP threads for each of the ``local_workers`` training workers on a PC with ``cores``."""
-    return max(1, (cores or 1) // local_workers)
+def cpu_threads_per_worker(cores: int | None, local_workers: int, ray_cpus: float | None = None) -> int:
+    """OpenMP threads for each of the ``local_workers`` training workers on a PC with ``cores``.
+
+    ``ray_cpus`` is the CPU count this PC's Ray node was given (``ray.num_cpus`` in the
+    swarm file, ``--num-cpus`` of ``swarm join``; Ray counts the cores, or the container's
+    share of them, when it is unset): a PC told to lend Ray fewer cores than it has keeps
+    the rest for its owner, and namespace PCs sharing one machine do not oversubscribe it.
+    """
+    usable = min(c for c in (cores, ray_cpus) if c) if (cores or ray_cpus) else 1
+    return max(1, int(usable) // local_workers)
+
+
+def ray_node_cpus() -> float | None:
+    """The CPU resource of the Ray node this process runs on (None when Ray does not say)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    return next((n["Resources"].get("CPU") for n in ray.nodes() if n["NodeID"] == node_id), None)
 
 
 def client_optimizer(job: JobConfig, params):
@@ -118,8 +133,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             torch.cuda.set_per_process_memory_fraction(fraction, device)
     # CPU work (the training itself on a CPU-only PC; DeepSpeed's CPU Adam and offload
     # copies beside a GPU) runs on this thread's OpenMP team, which Ray sized to the
-    # worker's token CPU reservation: one thread. Share this PC's cores among its workers.
-    torch.set_num_threads(cpu_threads_per_worker(os.cpu_count(), context.get_local_world_size()))
+    # worker's token CPU reservation: one thread. Share the cores this PC lends Ray among
+    # its workers.
+    torch.set_num_threads(cpu_threads_per_worker(os.cpu_count(), context.get_local_world_size(), ray_node_cpus()))
     precision, ds_config = plan["precision"], plan["deepspeed"]
     deepspeed.init_distributed(dist_backend=placement["backend"])
 
@@ -211,13 +227,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 **({"sent_bytes_per_worker": round(totals[3].item() / world)} if counting else {}),
                 **{name: totals[4 + i].item() / world for i, name in enumerate(objective.figures)},
             })
-        if data["eval"] is not None and (done % job.train.eval_every == 0 or last):
-            figures = evaluate(engine, data["eval"], objective, job, mb, rank, world)
-            if link is not None:
-                link.send({"kind": "eval", "step": done, **figures})
         stopping = totals[2].item() > 0
         saving = stopping or last or done % job.train.checkpoint_every == 0
-        if exchange is not None and (saving or done % plan["sync"]["every"] == 0):
+        evaluating = data["eval"] is not None and (done % job.train.eval_every == 0 or last)
+        # diloco exchanges before a checkpoint and before an eval as well, so both hold the
+        # global adapter (the one the run's output holds), not each PC's own.
+        if exchange is not None and (saving or evaluating or done % plan["sync"]["every"] == 0):
             sent_before = sent_bytes()
             figures = exchange.sync(pc_total(pc_tokens, pc_groups))
             pc_tokens = 0
@@ -227,6 +242,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                            **({"sync_sent_bytes": sent_bytes() - sent_before} if counting else {}),
                            "sync_seconds": figures.seconds, "sync_wait_s": figures.wait_s,
                            "adapter_checksums": figures.checksums})
+        if evaluating:
+            figures = evaluate(engine, data["eval"], objective, job, mb, rank, world)
+            if link is not None:
+                link.send({"kind": "eval", "step": done, **figures})
         if saving:
             checkpoint(done)
         if stopping:

@@ -288,7 +288,7 @@ def test_when_a_diloco_host_dies_the_other_trains_to_the_end(lab, tiny_models, t
     from lab.netlab import kill_namespace_processes
 
     job = swarm_job(tmp_path, tiny_models("llama"), strategy="diloco", max_steps=40, min_workers=1,
-                    sync_every=2, regrow_check_s=3600)
+                    sync_every=2, eval_every=5, regrow_check_s=3600)
     log = tmp_path / "train.log"
     driver = lab.popen(HEAD, [sys.executable, "-m", "swarm", "train", str(job)], log)
     try:
@@ -307,3 +307,7 @@ def test_when_a_diloco_host_dies_the_other_trains_to_the_end(lab, tiny_models, t
     summary = json.loads((run_dir / "run.json").read_text())
     assert summary["steps"] == 40 and summary["restarts"][0]["world_size"] == 1
     assert sorted(losses(run_dir)) == list(range(1, 41)) and (run_dir / "adapter").is_dir()
+    # An eval between two exchanges exchanges first: it measures the global adapter.
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"] for r in rows if "eval_loss" in r}
+    assert evals >= {5, 15, 25, 35, 40} and evals <= {r["step"] for r in rows if "sync_bytes" in r}

@@ -29,3 +29,9 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 @pytest.mark.parametrize(("cores", "workers", "threads"), [(16, 1, 16), (16, 2, 8), (12, 5, 2), (2, 4, 1), (None, 1, 1)])
 def test_cores_are_shared_among_a_pcs_workers(cores, workers, threads):
     assert cpu_threads_per_worker(cores, workers) == threads
+
+
+@pytest.mark.parametrize(("cores", "ray_cpus", "workers", "threads"),
+                         [(16, 4.0, 1, 4), (16, 4.0, 2, 2), (2, 1.0, 1, 1), (8, 32.0, 2, 4), (None, 6.0, 2, 3)])
+def test_a_pc_lending_ray_fewer_cores_trains_on_those(cores, ray_cpus, workers, threads):
+    assert cpu_threads_per_worker(cores, workers, ray_cpus) == threads
