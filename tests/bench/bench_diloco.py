@@ -1,17 +1,28 @@
 """diloco against replicate and shard on two namespace "PCs" over a capped link: bytes and loss.
 
 Run as root on Linux (needs `ip` and `tc`, Debian's iproute2):
-    python tests/bench/bench_diloco.py [--rates 100mbit,20mbit] [--steps 64] [--hidden 256]
+    python tests/bench/bench_diloco.py [--rates 100mbit,20mbit] [--steps 64]
 
 One lab (configs/cluster-lab.yaml: a head that only coordinates, two worker hosts) is
 brought up. For each link rate (a token bucket on every host's link) the same tiny QLoRA job,
 the same tokens, runs sharded (ZeRO-3 across the hosts), replicated (ZeRO-2 across them), and
-with diloco exchanging adapters every H = 1, 8 and 32 steps. It prints, per run, the bytes
-each worker's PC sent per step and the seconds per step (means over the steps, exchanges
-included in full), tokens/s, the final train loss and the eval loss, then the
-byte ratios at H=8 and the eval loss against replicate's. It prints figures; it does not pass
-or fail on them. Both worker hosts share this machine's cores: compare bytes and loss, not
-speed-up.
+with diloco exchanging adapters every H = 1, 8 and 32 steps (and at H=8 by plain averaging:
+outer lr 1, no momentum).
+
+The job is shaped like configs/llama-70b-swarm.yaml where that decides the traffic: 8
+accumulation steps (ZeRO-2 and ZeRO-3 communicate in every one) and a base many times larger
+than its adapter (hidden 512, LoRA r2 on every linear layer: 144 base weights per adapter
+weight in each layer; Llama 3.1 70B at r16 has about 340). The text is CPython's own
+documentation (pydoc_data, on every Python), about half a million characters, so that the eval
+loss measures learning rather than memorising one page.
+
+Before the runs it measures what Ray sends from each worker host while the swarm is idle (its
+dashboard agent's node reports to the head). It prints, per run, the bytes each worker's PC sent
+per step (interface counters, exchanges included in full), the part of them Ray's idle traffic
+accounts for, the seconds per step, tokens/s, the final train loss and the eval loss; then the
+byte ratios at H=8 (with and without Ray's idle share) and the eval loss against replicate's.
+It prints figures; it does not pass or fail on them. Both worker hosts share this machine's
+cores: compare bytes and loss, not speed-up.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,12 +41,16 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # lab: the network-namespace hosts
 sys.path.insert(0, str(REPO / "tests" / "bench"))
 
-from bench_swarm_train import DEMO_TEXT, bring_up, job_file  # noqa: E402
+from bench_swarm_train import bring_up, job_file  # noqa: E402
 
 from lab.netlab import NetLab  # noqa: E402
 
-RUNS = [("shard", {"strategy": "shard"}), ("replicate", {"strategy": "replicate"})] + [
-    (f"diloco H={h}", {"strategy": "diloco", "sync_every": h}) for h in (1, 8, 32)]
+# diloco with DiLoCo's outer optimizer (lr 0.7, Nesterov momentum 0.9, swarm's defaults), and
+# at H=8 also with plain averaging (outer lr 1, no momentum).
+RUNS = [("replicate", {"strategy": "replicate"})] + [
+    (f"diloco H={h}", {"strategy": "diloco", "sync_every": h}) for h in (8, 1, 32)] + [
+    ("diloco H=8 mean", {"strategy": "diloco", "sync_every": 8, "outer_lr": 1.0, "outer_momentum": 0.0}),
+    ("shard", {"strategy": "shard"})]
 
 
 def cap(lab: NetLab, rate: str) -> None:
@@ -45,6 +61,26 @@ def cap(lab: NetLab, rate: str) -> None:
                            "latency", "100ms"])
         if r.returncode != 0:
             raise SystemExit(f"tc failed on host {host}: {r.stderr}")
+
+
+def write_corpus(path: Path) -> Path:
+    """CPython's help topics (pydoc_data) as one text file: real prose, the same on every Python."""
+    from pydoc_data.topics import topics
+
+    path.write_text("\n\n".join(topics[name] for name in sorted(topics)))
+    return path
+
+
+def ray_idle_rate(lab: NetLab, seconds: float = 60) -> float:
+    """Bytes per second a worker host sends while the swarm is up and idle (Ray's own traffic)."""
+    def sent() -> list[int]:
+        return [int(lab.run(h, ["cat", "/sys/class/net/lan0/statistics/tx_bytes"]).stdout) for h in (2, 3)]
+
+    time.sleep(10)  # let the bring-up's own traffic end
+    before, start = sent(), time.monotonic()
+    time.sleep(seconds)
+    after, elapsed = sent(), time.monotonic() - start
+    return sum(a - b for a, b in zip(after, before)) / 2 / elapsed
 
 
 def measure(lab: NetLab, job: Path) -> dict:
@@ -67,12 +103,21 @@ def measure(lab: NetLab, job: Path) -> dict:
     }
 
 
+def ratio(run: dict, diloco: dict, net: bool) -> float:
+    """How many times more bytes per step ``run`` sent than ``diloco``; ``net``: less Ray's idle share."""
+    if net:
+        return (run["sent_bytes"] - run["ray_bytes"]) / (diloco["sent_bytes"] - diloco["ray_bytes"])
+    return run["sent_bytes"] / diloco["sent_bytes"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="100mbit,20mbit")
     parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--lora-r", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--keep", action="store_true", help="keep the runs' folders (printed)")
     parser.add_argument("--only", help="run only these, e.g. 'replicate,diloco H=8'")
     args = parser.parse_args()
@@ -82,35 +127,45 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-diloco-"))
     print(f"runs in {work}")
-    model = make_tiny_model(work / "tiny-llama", [DEMO_TEXT], hidden=args.hidden, layers=args.layers)
-    print(f"tiny Llama (hidden {args.hidden}, {args.layers} layers), QLoRA r16, seq 128, micro-batch 2, "
-          f"{args.steps} steps per run, CPU offload where the strategy allows; {os.cpu_count()} CPUs")
+    corpus = write_corpus(work / "pydoc-topics.txt")
+    model = make_tiny_model(work / "tiny-llama", [corpus], hidden=args.hidden, layers=args.layers)
+    print(f"tiny Llama (hidden {args.hidden}, {args.layers} layers), QLoRA r{args.lora_r}, seq 128, micro-batch {args.micro_batch}, "
+          f"8 accumulation steps, {args.steps} steps per run, CPU offload where the strategy allows; "
+          f"{os.cpu_count()} CPUs")
     table = []
     with NetLab(3) as lab:
         bring_up(lab)
+        idle = ray_idle_rate(lab)
+        print(f"Ray's traffic from an idle worker host: {idle / 1e3:.1f} kB/s", flush=True)
         for rate in args.rates.split(","):
             cap(lab, rate)
             for name, train in RUNS:
                 if args.only and name not in args.only.split(","):
                     continue
-                r = {"rate": rate, "run": name, **measure(lab, job_file(work, model, args.steps, **train))}
+                job = job_file(work, model, args.steps, text=corpus, lora_r=args.lora_r, eval_fraction=0.05,
+                               micro_batch=args.micro_batch, grad_accum=8, warmup_steps=4, **train)
+                r = {"rate": rate, "run": name, **measure(lab, job)}
+                r["ray_bytes"] = idle * r["step_s"]
                 table.append(r)
-                print(f"  {rate:8s} {name:12s} sent {r['sent_bytes'] / 1e3:9.1f} kB/step, step {r['step_s']:.2f} s, "
+                print(f"  {rate:8s} {name:12s} sent {r['sent_bytes'] / 1e3:9.1f} kB/step "
+                      f"(Ray idle {r['ray_bytes'] / 1e3:.1f}), step {r['step_s']:.2f} s, "
                       f"{r['tokens_per_s']:.0f} tok/s, loss {r['loss']:.3f}, eval {r['eval_loss']:.3f}", flush=True)
         lab.swarm(1, "down", timeout=300)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
-    print("\n| link | run | sent per step per worker (kB) | mean step (s) | tokens/s | train loss | eval loss |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| link | run | sent per step per worker (kB) | of it Ray idle (kB) | mean step (s) | tokens/s "
+          "| train loss | eval loss |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
-        print(f"| {r['rate']} | {r['run']} | {r['sent_bytes'] / 1e3:.1f} | {r['step_s']:.2f} | "
-              f"{r['tokens_per_s']:.0f} | {r['loss']:.3f} | {r['eval_loss']:.3f} |")
+        print(f"| {r['rate']} | {r['run']} | {r['sent_bytes'] / 1e3:.1f} | {r['ray_bytes'] / 1e3:.1f} | "
+              f"{r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['loss']:.3f} | {r['eval_loss']:.3f} |")
     for rate in [] if args.only else args.rates.split(","):
         by = {r["run"]: r for r in table if r["rate"] == rate}
         h8 = by["diloco H=8"]
-        print(f"\n{rate}: at H=8, {by['replicate']['sent_bytes'] / h8['sent_bytes']:.0f}x fewer bytes per step than "
-              f"replicate, {by['shard']['sent_bytes'] / h8['sent_bytes']:.0f}x fewer than shard; eval loss "
+        print(f"\n{rate}: at H=8, {ratio(by['replicate'], h8, False):.0f}x fewer bytes per step than replicate "
+              f"({ratio(by['replicate'], h8, True):.0f}x less Ray's idle traffic), {ratio(by['shard'], h8, False):.0f}x "
+              f"fewer than shard ({ratio(by['shard'], h8, True):.0f}x); eval loss "
               f"{h8['eval_loss'] / by['replicate']['eval_loss'] - 1:+.1%} against replicate's")
     return 0
 

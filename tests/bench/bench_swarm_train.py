@@ -49,12 +49,14 @@ def shape(lab: NetLab, rate: str) -> None:
             raise SystemExit(f"tc failed on host {host}: {r.stderr}")
 
 
-def job_file(folder: Path, model: Path, steps: int, **train) -> Path:
+def job_file(folder: Path, model: Path, steps: int, text: Path = DEMO_TEXT, lora_r: int = 16,
+             eval_fraction: float = 0.1, **train) -> Path:
+    """A QLoRA job on ``text`` for the lab; ``train`` overrides the train section's keys."""
     job = {
         "model": {"path": str(model)},
         "quantization": {"bits": 4},
-        "lora": {"r": 16, "alpha": 32},
-        "data": {"files": [str(DEMO_TEXT)], "format": "text", "seq_len": 128, "eval_fraction": 0.1},
+        "lora": {"r": lora_r, "alpha": 2 * lora_r},
+        "data": {"files": [str(text)], "format": "text", "seq_len": 128, "eval_fraction": eval_fraction},
         "train": {"max_steps": steps, "micro_batch": 2, "grad_accum": 1, "lr": 5e-3, "warmup_steps": 2,
                   "log_every": 1, "eval_every": 10_000, "checkpoint_every": 10_000, **train},
         # Replication keeps the whole base on every worker; only the optimizer is offloaded.
