@@ -198,10 +198,15 @@ def test_ray_refuses_a_wrong_token_and_any_client_without_a_certificate_of_the_s
     lab, token = swarm.lab, keys.ray_token(swarm.secret)
 
     def connect(env_vars: dict) -> subprocess.CompletedProcess:
-        # Ray retries the GCS once a second; 3 tries are enough to see the refusal.
-        return lab.run(W1, [sys.executable, "-c", code], env=lab.env(W1, RAY_gcs_server_port_wait_time_s="3", **env_vars), timeout=180)
+        # Ray retries the GCS once a second, and a driver's GCS client reconnects for 60 s:
+        # 3 tries and 5 s are enough to see the refusal.
+        env = lab.env(W1, RAY_gcs_server_port_wait_time_s="3", RAY_gcs_rpc_server_reconnect_timeout_s="5", **env_vars)
+        return lab.run(W1, [sys.executable, "-c", code], env=env, timeout=180)
 
     w1_files = ray_tls_env(tls.node_files(lab.home(W1)))  # a node of the swarm: its certificate
+    # The same short retries connect with the swarm's token: the refusals below are refusals.
+    r = connect({**ray_auth_env(token), **w1_files})
+    assert r.returncode == 0 and "CONNECTED" in r.stdout, r.stderr[-2000:]
     r = connect({**ray_auth_env("f" * 64), **w1_files})
     assert r.returncode != 0 and "CONNECTED" not in r.stdout
     assert "Authentication token is missing or incorrect" in r.stderr
