@@ -314,7 +314,8 @@ def test_a_token_sniffed_off_a_plain_http_dashboard_cannot_sign_an_agent_call(wi
     assert r.returncode == 2 and r.stderr.count("signed with a different cluster secret") == 3, r.stderr
     # Ray's GCS with the token but without a certificate of the swarm: no handshake, no call.
     code = f"import ray; ray.init(address='{ADDR[HEAD]}:6379'); print('CONNECTED')"
-    env = lab.env(STRANGER, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USE_TLS="0", RAY_gcs_server_port_wait_time_s="3")
+    env = lab.env(STRANGER, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USE_TLS="0", RAY_gcs_server_port_wait_time_s="3",
+                  RAY_gcs_rpc_server_reconnect_timeout_s="5")  # a refused driver gives up in 5 s, not 60
     r = lab.run(STRANGER, [sys.executable, "-c", code], env=env, timeout=180)
     assert r.returncode != 0 and "CONNECTED" not in r.stdout
     r = lab.swarm(HEAD, "down", timeout=300)
