@@ -3,8 +3,9 @@
 It lives on the driver's node, so that it survives any worker PC dropping out, and it
 holds messages as pickled bytes: it never imports torch, and costs one light process.
 
-- Rank 0 sends metrics without waiting (``send``) and delivers checkpoints and the final
-  adapter with ``deliver``, which returns once the mailbox holds them.
+- Rank 0 sends metrics without waiting (``send``, whose answer is the stop flag) and
+  delivers checkpoints and the final adapter with ``deliver``, which returns once the
+  mailbox holds them.
 - The driver drains the messages (``take``) and may ask the workers to stop.
 - The newest delivered checkpoint stays here, so a worker group that Ray Train restarts
   after a failure continues from it (``resume_state``), whether or not the driver has
@@ -31,16 +32,18 @@ class Mailbox:
         self._resume_state = resume_state
         self._plans: dict[tuple, bytes] = {}
 
-    def send(self, message: bytes) -> None:
+    def send(self, message: bytes) -> bool:
+        """Queue ``message`` for the driver; the answer is whether the driver asked to stop."""
         with self._ready:
             self._messages.append(message)
             self._ready.notify_all()
+        return self._stop
 
-    def deliver(self, message: bytes, checkpoint: bool = False) -> None:
+    def deliver(self, message: bytes, checkpoint: bool = False) -> bool:
         """Like ``send``; a checkpoint also becomes the state a restarted worker group resumes."""
         if checkpoint:
             self._resume_state = message
-        self.send(message)
+        return self.send(message)
 
     def take(self, timeout_s: float) -> list[bytes]:
         """Every waiting message, after waiting up to ``timeout_s`` for the first."""
