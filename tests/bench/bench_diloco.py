@@ -18,9 +18,11 @@ loss measures learning rather than memorising one page.
 
 Before the runs it measures what Ray sends from each worker host while the swarm is idle (its
 dashboard agent's node reports to the head). It prints, per run, the bytes each worker's PC sent
-per step (interface counters, exchanges included in full), the part of them Ray's idle traffic
-accounts for, the seconds per step, tokens/s, the final train loss and the eval loss; then the
-byte ratios at H=8 (with and without Ray's idle share) and the eval loss against replicate's.
+per step (interface counters over the training steps, exchanges included in full), the bytes the
+two training PCs sent each other (counted on the lab's bridge over the whole run, set-up and
+final exchange included, divided by the steps: the gradients, exchanges and collectives, without
+Ray's traffic to the head), the seconds per step, tokens/s, the final train loss and the eval
+loss; then the byte ratios at H=8 (both counts) and the eval loss against replicate's.
 It prints figures; it does not pass or fail on them. Both worker hosts share this machine's
 cores: compare bytes and loss, not speed-up.
 """
@@ -53,6 +55,9 @@ RUNS = [("replicate", {"strategy": "replicate"})] + [
     ("shard", {"strategy": "shard"})]
 
 
+PCS = ("198.18.0.2", "198.18.0.3")  # the lab's two worker hosts (configs/cluster-lab.yaml)
+
+
 def cap(lab: NetLab, rate: str) -> None:
     """Cap every host's outgoing link with a token bucket (replacing an earlier cap)."""
     for host in (1, 2, 3):
@@ -83,8 +88,12 @@ def ray_idle_rate(lab: NetLab, seconds: float = 60) -> float:
     return sum(a - b for a, b in zip(after, before)) / 2 / elapsed
 
 
-def measure(lab: NetLab, job: Path) -> dict:
-    result = lab.swarm(1, "train", str(job), timeout=3600)
+def measure(lab: NetLab, job: Path, max_steps: int) -> dict:
+    counting = lab.capture("--count")  # bytes per address pair crossing the bridge
+    try:
+        result = lab.swarm(1, "train", str(job), timeout=3600)
+    finally:
+        pairs = json.loads(lab.stop_capture(counting))
     if result.returncode != 0:
         raise SystemExit(f"swarm train failed:\n{result.stderr[-4000:]}")
     run_dir = Path(result.stdout.strip().splitlines()[-1].removeprefix("run: "))
@@ -98,16 +107,16 @@ def measure(lab: NetLab, job: Path) -> dict:
     seconds = sum(r["step_time_s"] for r in steps) + sum(r["sync_seconds"] for r in syncs)
     return {
         "sent_bytes": sent / len(steps), "step_s": seconds / len(steps),
+        # per worker per step: the two worker PCs' bytes to each other, over the whole run
+        "between_pcs": sum(pairs.get(f"{a}>{b}", 0) for a, b in (PCS, PCS[::-1])) / 2 / max_steps,
         "tokens_per_s": sum(r["tokens"] for r in steps) / seconds,
         "loss": summary["train_loss"], "eval_loss": summary["eval_loss"],
     }
 
 
-def ratio(run: dict, diloco: dict, net: bool) -> float:
-    """How many times more bytes per step ``run`` sent than ``diloco``; ``net``: less Ray's idle share."""
-    if net:
-        return (run["sent_bytes"] - run["ray_bytes"]) / (diloco["sent_bytes"] - diloco["ray_bytes"])
-    return run["sent_bytes"] / diloco["sent_bytes"]
+def ratio(run: dict, diloco: dict, key: str) -> float:
+    """How many times more bytes per step ``run`` sent than ``diloco``, by ``key``'s count."""
+    return run[key] / diloco[key]
 
 
 def main() -> int:
@@ -144,28 +153,29 @@ def main() -> int:
                     continue
                 job = job_file(work, model, args.steps, text=corpus, lora_r=args.lora_r, eval_fraction=0.05,
                                micro_batch=args.micro_batch, grad_accum=8, warmup_steps=4, **train)
-                r = {"rate": rate, "run": name, **measure(lab, job)}
-                r["ray_bytes"] = idle * r["step_s"]
+                r = {"rate": rate, "run": name, **measure(lab, job, args.steps)}
                 table.append(r)
                 print(f"  {rate:8s} {name:12s} sent {r['sent_bytes'] / 1e3:9.1f} kB/step "
-                      f"(Ray idle {r['ray_bytes'] / 1e3:.1f}), step {r['step_s']:.2f} s, "
+                      f"({r['between_pcs'] / 1e3:.1f} between the PCs), step {r['step_s']:.2f} s, "
                       f"{r['tokens_per_s']:.0f} tok/s, loss {r['loss']:.3f}, eval {r['eval_loss']:.3f}", flush=True)
         lab.swarm(1, "down", timeout=300)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
-    print("\n| link | run | sent per step per worker (kB) | of it Ray idle (kB) | mean step (s) | tokens/s "
+    print("\n| link | run | sent per step per worker (kB) | between the PCs, whole run / steps (kB) | mean step (s) | tokens/s "
           "| train loss | eval loss |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
-        print(f"| {r['rate']} | {r['run']} | {r['sent_bytes'] / 1e3:.1f} | {r['ray_bytes'] / 1e3:.1f} | "
+        print(f"| {r['rate']} | {r['run']} | {r['sent_bytes'] / 1e3:.1f} | {r['between_pcs'] / 1e3:.1f} | "
               f"{r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['loss']:.3f} | {r['eval_loss']:.3f} |")
-    for rate in [] if args.only else args.rates.split(","):
+    for rate in args.rates.split(","):
         by = {r["run"]: r for r in table if r["rate"] == rate}
+        if not {"replicate", "diloco H=8", "shard"} <= by.keys():
+            continue
         h8 = by["diloco H=8"]
-        print(f"\n{rate}: at H=8, {ratio(by['replicate'], h8, False):.0f}x fewer bytes per step than replicate "
-              f"({ratio(by['replicate'], h8, True):.0f}x less Ray's idle traffic), {ratio(by['shard'], h8, False):.0f}x "
-              f"fewer than shard ({ratio(by['shard'], h8, True):.0f}x); eval loss "
+        print(f"\n{rate}: at H=8, {ratio(by['replicate'], h8, 'sent_bytes'):.0f}x fewer bytes per step than "
+              f"replicate ({ratio(by['replicate'], h8, 'between_pcs'):.0f}x between the PCs), "
+              f"{ratio(by['shard'], h8, 'sent_bytes'):.0f}x fewer than shard ({ratio(by['shard'], h8, 'between_pcs'):.0f}x); eval loss "
               f"{h8['eval_loss'] / by['replicate']['eval_loss'] - 1:+.1%} against replicate's")
     return 0
 

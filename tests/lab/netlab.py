@@ -155,9 +155,10 @@ class NetLab:
         """``swarm ARGS`` on host ``i``."""
         return self.run(i, [sys.executable, "-m", "swarm", *args], timeout=timeout, env=env)
 
-    def capture(self, out: Path) -> subprocess.Popen:
+    def capture(self, out: Path | str) -> subprocess.Popen:
         """Start recording every frame that crosses the bridge into the pcap file ``out``
-        (``tests/lab/wirecap.py``); stop it with ``stop_capture``."""
+        (``tests/lab/wirecap.py``), or with ``out="--count"`` counting its bytes per pair of
+        addresses; stop it with ``stop_capture``."""
         proc = subprocess.Popen(
             ["ip", "netns", "exec", f"{self.tag}-sw", sys.executable, str(Path(__file__).with_name("wirecap.py")), str(out)],
             env=self.env(0), stdout=subprocess.PIPE, text=True, start_new_session=True,
@@ -169,7 +170,7 @@ class NetLab:
 
     @staticmethod
     def stop_capture(proc: subprocess.Popen) -> str:
-        """Stop a capture; its last line (how many frames it recorded)."""
+        """Stop a capture; its last line (how many frames it recorded, or the counts as JSON)."""
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         return out.strip()

@@ -2,7 +2,8 @@
 
 ``python tests/lab/wirecap.py OUT.pcap`` runs inside the lab's bridge namespace (as root)
 and records every frame that enters the bridge from any host, each once, into a pcap file
-(Wireshark and tcpdump read it), until SIGTERM or SIGINT. It needs nothing but Python: a raw
+(Wireshark and tcpdump read it), until SIGTERM or SIGINT; ``--count`` instead of a file
+prints the bytes sent between each pair of addresses, as one JSON line. It needs nothing but Python: a raw
 ``AF_PACKET`` socket sees the frames on every interface of the namespace.
 
 ``tcp_streams`` puts each TCP connection's payload back together, per direction, so that a
@@ -11,6 +12,7 @@ string split over two segments is still found.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import struct
@@ -25,8 +27,9 @@ SNAPLEN = 262144  # veth frames reach 64 KiB with segmentation offload
 _PCAP_HEADER = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, SNAPLEN, 1)  # LINKTYPE_ETHERNET
 
 
-def capture(out: Path) -> int:
-    """Record frames into ``out`` until SIGTERM/SIGINT; returns how many were recorded."""
+def _frames_until_signal():
+    """Yield each frame entering the bridge (bytes) until SIGTERM/SIGINT; prints "capturing"
+    once listening, the line the caller waits for."""
     stop = False
 
     def on_signal(*_):
@@ -38,24 +41,39 @@ def capture(out: Path) -> int:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 * 1024**2)
     sock.settimeout(0.2)
+    print("capturing", flush=True)
+    while not stop:
+        try:
+            data, addr = sock.recvfrom(SNAPLEN)
+        except (socket.timeout, InterruptedError):
+            continue
+        # A frame crossing the bridge is seen entering (from the sender's port) and leaving
+        # (to the receiver's port); keep the entering copy only.
+        if addr[2] != socket.PACKET_OUTGOING:
+            yield data
+
+
+def capture(out: Path) -> int:
+    """Record frames into ``out`` until SIGTERM/SIGINT; returns how many were recorded."""
     frames = 0
     with open(out, "wb") as f:
         f.write(_PCAP_HEADER)
         f.flush()
-        print("capturing", flush=True)  # the caller waits for this line
-        while not stop:
-            try:
-                data, addr = sock.recvfrom(SNAPLEN)
-            except (socket.timeout, InterruptedError):
-                continue
-            # A frame crossing the bridge is seen entering (from the sender's port) and leaving
-            # (to the receiver's port); keep the entering copy only.
-            if addr[2] == socket.PACKET_OUTGOING:
-                continue
+        for data in _frames_until_signal():
             seconds, fraction = divmod(time.time_ns() // 1000, 1_000_000)
             f.write(struct.pack("<IIII", seconds, fraction, len(data), len(data)) + data)
             frames += 1
     return frames
+
+
+def count() -> dict[str, int]:
+    """Bytes of the IPv4 frames entering the bridge, per ``"src>dst"`` address pair, until
+    SIGTERM/SIGINT: what a benchmark needs of a run too large to record."""
+    totals: dict[str, int] = defaultdict(int)
+    for data in _frames_until_signal():
+        if len(data) >= 34 and data[12:14] == b"\x08\x00":
+            totals[f"{socket.inet_ntoa(data[26:30])}>{socket.inet_ntoa(data[30:34])}"] += len(data)
+    return dict(totals)
 
 
 def frames(path: Path):
@@ -98,4 +116,7 @@ def find(path: Path, needles: dict[str, bytes]) -> list[tuple[str, tuple[str, in
 
 
 if __name__ == "__main__":
-    print(f"{capture(Path(sys.argv[1]))} frames", flush=True)
+    if sys.argv[1] == "--count":
+        print(json.dumps(count()), flush=True)
+    else:
+        print(f"{capture(Path(sys.argv[1]))} frames", flush=True)
