@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # lab: the network-namespace hosts
 sys.path.insert(0, str(REPO / "tests" / "bench"))
 
-from bench_swarm_train import bring_up, job_file  # noqa: E402
+from bench_swarm_train import bring_up, job_file, shape  # noqa: E402
 
 from lab.netlab import NetLab  # noqa: E402
 
@@ -56,16 +56,6 @@ RUNS = [("replicate", {"strategy": "replicate"})] + [
 
 
 PCS = ("198.18.0.2", "198.18.0.3")  # the lab's two worker hosts (configs/cluster-lab.yaml)
-
-
-def cap(lab: NetLab, rate: str) -> None:
-    """Cap every host's outgoing link with a token bucket (replacing an earlier cap)."""
-    for host in (1, 2, 3):
-        lab.run(host, ["tc", "qdisc", "del", "dev", "lan0", "root"])
-        r = lab.run(host, ["tc", "qdisc", "add", "dev", "lan0", "root", "tbf", "rate", rate, "burst", "64kb",
-                           "latency", "100ms"])
-        if r.returncode != 0:
-            raise SystemExit(f"tc failed on host {host}: {r.stderr}")
 
 
 def write_corpus(path: Path) -> Path:
@@ -147,7 +137,7 @@ def main() -> int:
         idle = ray_idle_rate(lab)
         print(f"Ray's traffic from an idle worker host: {idle / 1e3:.1f} kB/s", flush=True)
         for rate in args.rates.split(","):
-            cap(lab, rate)
+            shape(lab, rate)
             for name, train in RUNS:
                 if args.only and name not in args.only.split(","):
                     continue

@@ -41,8 +41,10 @@ from lab.netlab import NetLab  # noqa: E402
 
 
 def shape(lab: NetLab, rate: str) -> None:
-    """Cap every host's outgoing traffic with a token bucket (tbf; this kernel has no netem)."""
+    """Cap every host's outgoing traffic with a token bucket (tbf; this kernel has no netem),
+    replacing an earlier cap."""
     for host in (1, 2, 3):
+        lab.run(host, ["tc", "qdisc", "del", "dev", "lan0", "root"])  # none yet: fails, harmlessly
         r = lab.run(host, ["tc", "qdisc", "add", "dev", "lan0", "root", "tbf",
                            "rate", rate, "burst", "64kb", "latency", "100ms"])
         if r.returncode != 0:
