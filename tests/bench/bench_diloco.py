@@ -13,8 +13,10 @@ The job is shaped like configs/llama-70b-swarm.yaml where that decides the traff
 accumulation steps (ZeRO-2 and ZeRO-3 communicate in every one) and a base many times larger
 than its adapter (hidden 512, LoRA r2 on every linear layer: 144 base weights per adapter
 weight in each layer; Llama 3.1 70B at r16 has about 340). The text is CPython's own
-documentation (pydoc_data, on every Python), about half a million characters, so that the eval
-loss measures learning rather than memorising one page.
+documentation (pydoc_data, on every Python): the tiny base is first pretrained (every weight,
+in this process) on half of its topics, and the runs fine-tune it on the other half, about a
+quarter of a million characters, so that, as in a user's fine-tune, the base knows the language
+and the eval loss measures learning new text rather than undoing a random initialisation.
 
 Before the runs it measures what Ray sends from each worker host while the swarm is idle (its
 dashboard agent's node reports to the head). It prints, per run, the bytes each worker's PC sent
@@ -58,12 +60,44 @@ RUNS = [("replicate", {"strategy": "replicate"})] + [
 PCS = ("198.18.0.2", "198.18.0.3")  # the lab's two worker hosts (configs/cluster-lab.yaml)
 
 
-def write_corpus(path: Path) -> Path:
-    """CPython's help topics (pydoc_data) as one text file: real prose, the same on every Python."""
+def write_corpus(folder: Path) -> tuple[Path, Path]:
+    """CPython's help topics (pydoc_data: real prose, the same on every Python) as two text
+    files: the first half of the topics to pretrain the base on, the second half to fine-tune on."""
     from pydoc_data.topics import topics
 
-    path.write_text("\n\n".join(topics[name] for name in sorted(topics)))
-    return path
+    names = sorted(topics)
+    half = len(names) // 2
+    parts = (folder / "pydoc-topics-pretrain.txt", folder / "pydoc-topics-finetune.txt")
+    for path, chosen in zip(parts, (names[:half], names[half:])):
+        path.write_text("\n\n".join(topics[name] for name in chosen))
+    return parts
+
+
+def pretrain(model: Path, text: Path, steps: int, lr: float = 1e-3, batch: int = 16) -> None:
+    """Train every weight of the freshly made tiny model on ``text`` and save it in place.
+
+    A fine-tune starts from a base that knows its language; a random tiny base starts at a loss
+    of about 14 (more than twice a uniform guess over its 512 tokens), and a LoRA run on it
+    spends its steps undoing the initialisation, not learning the text.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = tokenizer(text.read_text())["input_ids"]
+    blocks = torch.tensor(ids[: len(ids) // 128 * 128]).view(-1, 128)
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr)
+    for step in range(steps):
+        sample = blocks[torch.randint(len(blocks), (batch,))]
+        loss = net(input_ids=sample, labels=sample).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"  pretraining the base: step {step}, loss {loss.item():.2f}", flush=True)
+    net.save_pretrained(model)
 
 
 def ray_idle_rate(lab: NetLab, seconds: float = 60) -> float:
@@ -117,6 +151,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--lora-r", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--pretrain-steps", type=int, default=400,
+                        help="full-weight steps on the first half of the topics before the fine-tunes")
     parser.add_argument("--keep", action="store_true", help="keep the runs' folders (printed)")
     parser.add_argument("--only", help="run only these, e.g. 'replicate,diloco H=8'")
     args = parser.parse_args()
@@ -126,9 +162,11 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench-diloco-"))
     print(f"runs in {work}")
-    corpus = write_corpus(work / "pydoc-topics.txt")
-    model = make_tiny_model(work / "tiny-llama", [corpus], hidden=args.hidden, layers=args.layers)
-    print(f"tiny Llama (hidden {args.hidden}, {args.layers} layers), QLoRA r{args.lora_r}, seq 128, micro-batch {args.micro_batch}, "
+    pretrain_text, corpus = write_corpus(work)
+    model = make_tiny_model(work / "tiny-llama", [pretrain_text, corpus], hidden=args.hidden, layers=args.layers)
+    pretrain(model, pretrain_text, args.pretrain_steps)
+    print(f"tiny Llama (hidden {args.hidden}, {args.layers} layers, pretrained {args.pretrain_steps} steps on half the "
+          f"topics), QLoRA r{args.lora_r} on the other half, seq 128, micro-batch {args.micro_batch}, "
           f"8 accumulation steps, {args.steps} steps per run, CPU offload where the strategy allows; "
           f"{os.cpu_count()} CPUs")
     table = []
