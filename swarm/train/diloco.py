@@ -9,6 +9,15 @@ by the tokens each trained, and applied to the global adapter by the outer optim
 Nesterov SGD (outer lr 0.7, momentum 0.9 by default); every PC continues from the result.
 With outer lr 1 and no momentum that is plain averaging of the adapters.
 
+The outer optimizer moves LoRA's B factors (and any other trained weight); the A factors
+take the plain mean. A LoRA layer computes with the product B A: extrapolating both factors
+by k moves the product by k^2 along their cross term (Nesterov's k reaches
+lr / (1 - momentum) = 7), and in tests/bench/bench_diloco.py that ended 5.6% above
+replicate's eval loss at H=8 and 63% above at H=1; with A averaged, 0.8% and 1.0%
+(docs/benchmarks.md). Extrapolating B alone moves the product linearly, as a dense weight's
+outer step would; a larger step for B than for A is also what LoRA+ (Hayou et al., arXiv
+2402.12354) finds trains LoRA better.
+
 Only the first worker of each PC (its leader) takes part in the exchange; the
 pseudo-gradients cross the link in bf16. ``PcGroups`` builds the process groups and the
 ``mpu`` that keeps DeepSpeed inside a PC; ``Exchange`` does one exchange.
@@ -119,15 +128,33 @@ class PcMpu:
     get_sequence_data_parallel_rank = get_data_parallel_rank
 
 
-def nesterov_step(global_flat, mean_delta, momentum_buf, lr: float, momentum: float):
+def outer_step(global_flat, mean_delta, momentum_buf, lr: float, momentum: float, averaged=()):
     """The outer optimizer: Nesterov SGD on the global adapter, the averaged pseudo-gradient as gradient.
+
+    Args:
+        averaged: the slices of the flat adapter that take the plain mean instead (LoRA's A
+            factors); their momentum stays zero.
 
     Returns:
         (new global adapter, new momentum buffer); fp32 tensors.
     """
     momentum_buf = momentum * momentum_buf + mean_delta
-    update = mean_delta + momentum * momentum_buf
-    return global_flat - lr * update, momentum_buf
+    update = lr * (mean_delta + momentum * momentum_buf)
+    for part in averaged:
+        update[part] = mean_delta[part]
+        momentum_buf[part] = 0.0
+    return global_flat - update, momentum_buf
+
+
+def lora_a_slices(named) -> list[slice]:
+    """Where LoRA's A factors (peft's ``lora_A`` / ``lora_embedding_A``) lie in the flat adapter."""
+    slices, offset = [], 0
+    for name, p in named:
+        numel = int(getattr(p, "ds_numel", p.numel()))
+        if ".lora_A." in name or ".lora_embedding_A." in name:
+            slices.append(slice(offset, offset + numel))
+        offset += numel
+    return slices
 
 
 @dataclass
@@ -156,6 +183,7 @@ class Exchange:
 
         self.engine, self.named, self.groups = engine, named, groups
         self.lr, self.momentum = lr, momentum
+        self.averaged = lora_a_slices(named)
         self.global_flat = self._local_flat()  # every PC starts from the same adapter
         self.momentum_buf = momentum_buf if momentum_buf is not None else torch.zeros_like(self.global_flat)
         self.waited_s = 0.0  # time this PC's leader spent in cross-PC collectives since the last exchange
@@ -198,8 +226,8 @@ class Exchange:
             delta = ((self.global_flat - local) * weight).to(torch.bfloat16)
             dist.all_reduce(delta, group=groups.leaders)  # the sum of the weighted pseudo-gradients
             sent = ring_all_reduce_bytes(delta.numel() * delta.element_size(), groups.pcs)
-            new_global, self.momentum_buf = nesterov_step(self.global_flat, delta.float(), self.momentum_buf,
-                                                          self.lr, self.momentum)
+            new_global, self.momentum_buf = outer_step(self.global_flat, delta.float(), self.momentum_buf,
+                                                       self.lr, self.momentum, self.averaged)
         else:
             new_global = torch.empty_like(local)
         dist.broadcast(new_global, src=groups.leader, group=groups.intra)

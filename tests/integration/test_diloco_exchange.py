@@ -2,8 +2,9 @@
 workers each (gloo on this machine), ZeRO-2 and ZeRO-3 kept inside each PC by the run's
 ``mpu``, trained on different data, then one exchange.
 
-With outer lr 1 and no momentum every PC must end with exactly the token-weighted mean of
-the PCs' adapters; with DiLoCo's defaults, with the Nesterov step computed by hand.
+The model is a peft LoRA adapter on two linear layers. With outer lr 1 and no momentum every
+PC must end with exactly the token-weighted mean of the PCs' adapters; with DiLoCo's defaults,
+with the Nesterov step computed by hand on the B factors and the mean on the A factors.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json, os, sys
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch, torch.distributed as dist, deepspeed
 from deepspeed.utils import safe_get_full_fp32_param
+from peft import LoraConfig, get_peft_model
 from swarm.train.diloco import Exchange, PcGroups
 
 rank, world, stage, lr, momentum, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
@@ -32,13 +34,14 @@ dist.init_process_group("gloo", rank=rank, world_size=world)
 deepspeed.init_distributed(dist_backend="gloo")
 groups = PcGroups.build(addresses, rank)
 torch.manual_seed(0)
-model = torch.nn.Sequential(torch.nn.Linear(8, 300), torch.nn.Linear(300, 4))
+model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 300), torch.nn.Linear(300, 4)),
+                       LoraConfig(r=4, target_modules=["0", "1"]))
 config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 100},
           "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "torch_adam": True}}, "steps_per_print": 10**9}
-engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config,
+named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for _, p in named], config=config,
                                   mpu=groups.mpu())
-named = list(model.named_parameters())
 exchange = Exchange(engine, named, groups, lr, momentum)
 start = exchange.global_flat.clone()
 torch.manual_seed(100 + groups.pc)  # each PC its own data
@@ -60,7 +63,8 @@ if stage == 3:
         computed = torch.cat([p.detach().flatten().clone() for _, p in named])
 else:
     computed = torch.cat([p.detach().flatten().clone() for _, p in named])
-torch.save({"start": start, "local": local, "after": after, "computed": computed, "tokens": tokens,
+is_a = torch.cat([torch.full((getattr(p, "ds_numel", p.numel()),), ".lora_A." in n) for n, p in named])
+torch.save({"start": start, "local": local, "is_a": is_a, "after": after, "computed": computed, "tokens": tokens,
             "pc": groups.pc, "leader": groups.is_leader, "sent": figures.bytes_sent}, f"{out}/rank{rank}.pt")
 dist.barrier()
 '''
@@ -111,7 +115,11 @@ def test_the_outer_step_is_nesterov_sgd_on_the_mean_pseudo_gradient(tmp_path):
     weights = [r["tokens"] / sum(x["tokens"] for x in ranks) for r in ranks]
     delta = sum(w * (r["start"] - r["local"]) for w, r in zip(weights, ranks))
     buf = delta  # momentum starts at zero
-    expected = ranks[0]["start"] - lr * (delta + momentum * buf)
+    nesterov = ranks[0]["start"] - lr * (delta + momentum * buf)
+    mean = ranks[0]["start"] - delta
+    is_a = ranks[0]["is_a"]
+    assert 0 < is_a.sum() < is_a.numel()
+    expected = torch.where(is_a, mean, nesterov)
     for r in ranks:
         assert torch.allclose(r["after"], expected, atol=3e-3, rtol=0)
         assert torch.equal(r["after"], ranks[0]["after"])
