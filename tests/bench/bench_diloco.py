@@ -23,8 +23,8 @@ dashboard agent's node reports to the head). It prints, per run, the bytes each 
 per step (interface counters over the training steps, exchanges included in full), the bytes the
 two training PCs sent each other (counted on the lab's bridge over the whole run, set-up and
 final exchange included, divided by the steps: the gradients, exchanges and collectives, without
-Ray's traffic to the head), the seconds per step, tokens/s, the final train loss and the eval
-loss; then the byte ratios at H=8 (both counts) and the eval loss against replicate's.
+Ray's traffic to the head), the seconds per step, tokens/s, the final train loss, the eval
+loss and the norms of the output adapter's A and B factors (how far each run carried it); then the byte ratios at H=8 (both counts) and the eval loss against replicate's.
 It prints figures; it does not pass or fail on them. Both worker hosts share this machine's
 cores: compare bytes and loss, not speed-up.
 """
@@ -134,8 +134,19 @@ def measure(lab: NetLab, job: Path, max_steps: int) -> dict:
         # per worker per step: the two worker PCs' bytes to each other, over the whole run
         "between_pcs": sum(pairs.get(f"{a}>{b}", 0) for a, b in (PCS, PCS[::-1])) / 2 / max_steps,
         "tokens_per_s": sum(r["tokens"] for r in steps) / seconds,
-        "loss": summary["train_loss"], "eval_loss": summary["eval_loss"],
+        "loss": summary["train_loss"], "eval_loss": summary["eval_loss"], **adapter_norms(run_dir / "adapter"),
     }
+
+
+def adapter_norms(adapter: Path) -> dict:
+    """The L2 norms of the run's LoRA A and B factors, all layers together: how far the outer
+    optimizer carried the adapter, against replicate's."""
+    from safetensors.torch import load_file
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    def norm(factor: str) -> float:
+        return sum(float(w.float().pow(2).sum()) for k, w in weights.items() if f".{factor}." in k) ** 0.5
+    return {"norm_a": norm("lora_A"), "norm_b": norm("lora_B")}
 
 
 def ratio(run: dict, diloco: dict, key: str) -> float:
@@ -185,17 +196,19 @@ def main() -> int:
                 table.append(r)
                 print(f"  {rate:8s} {name:12s} sent {r['sent_bytes'] / 1e3:9.1f} kB/step "
                       f"({r['between_pcs'] / 1e3:.1f} between the PCs), step {r['step_s']:.2f} s, "
-                      f"{r['tokens_per_s']:.0f} tok/s, loss {r['loss']:.3f}, eval {r['eval_loss']:.3f}", flush=True)
+                      f"{r['tokens_per_s']:.0f} tok/s, loss {r['loss']:.3f}, eval {r['eval_loss']:.3f}, "
+                      f"|A| {r['norm_a']:.2f}, |B| {r['norm_b']:.2f}", flush=True)
         lab.swarm(1, "down", timeout=300)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
     print("\n| link | run | sent per step per worker (kB) | between the PCs, whole run / steps (kB) | mean step (s) | tokens/s "
-          "| train loss | eval loss |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| train loss | eval loss | adapter norm A / B |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in table:
         print(f"| {r['rate']} | {r['run']} | {r['sent_bytes'] / 1e3:.1f} | {r['between_pcs'] / 1e3:.1f} | "
-              f"{r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['loss']:.3f} | {r['eval_loss']:.3f} |")
+              f"{r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['loss']:.3f} | {r['eval_loss']:.3f} | "
+              f"{r['norm_a']:.2f} / {r['norm_b']:.2f} |")
     for rate in args.rates.split(","):
         by = {r["run"]: r for r in table if r["rate"] == rate}
         if not {"replicate", "diloco H=8", "shard"} <= by.keys():
