@@ -209,7 +209,8 @@ class TrainSection(Section):
     sync_every: int | Literal["auto"] = Field(
         "auto", description="diloco: steps between adapter exchanges; auto: proposed from the link and step time.",
     )
-    outer_lr: float = Field(0.7, gt=0, le=2, description="diloco: the outer optimizer's learning rate.")
+    outer_lr: float = Field(0.7, gt=0, le=2, description="diloco: the outer optimizer's learning rate "
+                            "(on LoRA's B factors; the A factors are averaged).")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: the outer optimizer's Nesterov momentum.")
     max_restarts: int = Field(3, ge=0, description="Times a failed worker group restarts from the newest checkpoint.")
     regrow_check_s: float = Field(
