@@ -146,11 +146,16 @@ def outer_step(global_flat, mean_delta, momentum_buf, lr: float, momentum: float
     return global_flat - update, momentum_buf
 
 
+def full_numel(p) -> int:
+    """A parameter's whole size, also where ZeRO-3 holds only this rank's partition of it."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def lora_a_slices(named) -> list[slice]:
     """Where LoRA's A factors (peft's ``lora_A`` / ``lora_embedding_A``) lie in the flat adapter."""
     slices, offset = [], 0
     for name, p in named:
-        numel = int(getattr(p, "ds_numel", p.numel()))
+        numel = full_numel(p)
         if ".lora_A." in name or ".lora_embedding_A." in name:
             slices.append(slice(offset, offset + numel))
         offset += numel
@@ -251,7 +256,7 @@ class Exchange:
 
         values, offset = [], 0
         for _, p in self.named:
-            numel = int(getattr(p, "ds_numel", p.numel()))
+            numel = full_numel(p)
             shape = getattr(p, "ds_shape", p.shape)
             values.append(flat[offset:offset + numel].view(shape))
             offset += numel

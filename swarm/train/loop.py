@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from swarm.config.models import JobConfig
-from swarm.train.diloco import Exchange, PcGroups
+from swarm.train.diloco import Exchange, PcGroups, full_numel
 from swarm.train.driver_link import DriverLink, grad_norm, group_plan, host_facts, memory_figures, sent_bytes_counter
 from swarm.train.mailbox import unpack
 from swarm.train.plans import plan_of_pc
@@ -172,7 +172,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             "kind": "start", "world_size": world, "precision": precision, "start_step": start_step,
             "deepspeed": ds_config, "strategy": plan["strategy"]["name"],
             "max_steps": job.train.max_steps, "hosts": hosts,
-            "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+            "trainable_params": sum(full_numel(p) for p in params),
         })
 
     # data: swarm.train.packing Blocks (or Pairs for preference methods) per split.

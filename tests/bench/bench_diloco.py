@@ -24,7 +24,8 @@ per step (interface counters over the training steps, exchanges included in full
 two training PCs sent each other (counted on the lab's bridge over the whole run, set-up and
 final exchange included, divided by the steps: the gradients, exchanges and collectives, without
 Ray's traffic to the head), the seconds per step, tokens/s, the final train loss, the eval
-loss and the norms of the output adapter's A and B factors (how far each run carried it); then the byte ratios at H=8 (both counts) and the eval loss against replicate's.
+loss and the norms of the output adapter's A and B factors (how far each run carried it);
+then the byte ratios at H=8 (both counts) and the eval loss against replicate's.
 It prints figures; it does not pass or fail on them. Both worker hosts share this machine's
 cores: compare bytes and loss, not speed-up.
 """
