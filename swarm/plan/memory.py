@@ -34,6 +34,7 @@ from swarm.plan.strategy import Strategy
 
 GiB = 1024**3
 PLACES = ("gpu", "ram", "nvme")
+KEPT_4BIT = "4-bit weights kept by autograd (no checkpointing)"
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,14 @@ def worker_terms(shape: ModelShape, work: Workload, strategy: Strategy, world: i
         add("4-bit dequantize buffer", dev, shape.largest_quantizable_numel * d, "train")
         if device == "cpu":
             add("4-bit dequantized copies kept by malloc", "ram", overheads.cpu_dequant_retained * quantized * d, "train")
+    if quantized and strategy.zero_stage == 3 and not work.gradient_checkpointing:
+        # bitsandbytes' MatMul4Bit keeps a view of the weight it multiplied by in its autograd
+        # node (ctx.tensors) until backward. Without checkpointing every layer's node lives
+        # through the forward, so every gathered 4-bit weight that ZeRO-3 released stays on the
+        # device: the whole 4-bit base. (With checkpointing swarm recomputes reentrantly and the
+        # forward keeps no node; under ZeRO-2 the view is of the resident weight itself.)
+        add(KEPT_4BIT, dev, sum(_storage_numel(g.weight_numel, True, d) * d * g.count
+                                for g in shape.groups if g.quantizable), "train")
     if work.dora:
         # peft's DoRA takes the norm of W + scale * B @ A per layer: the dequantized weight,
         # B @ A and their sum, in fp32, for the largest adapted layer at a time.

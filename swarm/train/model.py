@@ -47,7 +47,6 @@ def load_model(job: JobConfig, plan: dict[str, Any], device: str, adapter: dict 
     Returns:
         The peft model, ready for ``deepspeed.initialize`` with ``plan["deepspeed"]``.
     """
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -66,14 +65,41 @@ def load_model(job: JobConfig, plan: dict[str, Any], device: str, adapter: dict 
         trust_remote_code=job.model.trust_remote_code,
         device_map=loading.device_map,
     )
+    model = prepare_model(model, job, plan, device, adapter, group)
+    del hf_ds_config
+    return model
+
+
+def prepare_model(model, job: JobConfig, plan: dict[str, Any], device: str, adapter: dict | None = None, group=None):
+    """Freeze a loaded base, turn checkpointing on, add LoRA and partition it as the plan says.
+
+    Everything ``load_model`` does after reading the weights; the GPU check also calls it on
+    a base it builds on the card (random 4-bit weights, nothing read from disk).
+
+    Args:
+        model: The base as ``from_pretrained`` returns it (4-bit layers already quantized).
+        job, plan, device, adapter, group: as for ``load_model``.
+
+    Returns:
+        The peft model, ready for ``deepspeed.initialize`` with ``plan["deepspeed"]``.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    dtype = DTYPES[plan["precision"]]
+    loading = loading_arguments(job.quantization.bits == 4, plan["strategy"]["zero_stage"], device)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     keep_4bit_layout(model)
     for param in model.parameters():
         param.requires_grad_(False)
     if job.train.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs and with ZeRO-3's hooks;
-        # input gradients must be on, or no gradient reaches the adapters through it.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Reentrant: the forward runs without autograd and backward recomputes one layer at a
+        # time. Non-reentrant checkpointing builds every layer's autograd nodes in the forward,
+        # and bitsandbytes' MatMul4Bit keeps in its node a view of the weight it multiplied by
+        # (ctx.tensors, which checkpointing cannot drop): under ZeRO-3 that kept every layer's
+        # gathered 4-bit weight alive until backward, the whole base on the card (issue 29,
+        # docs/plan.md "What is counted"). Reentrant checkpointing passes a gradient only to
+        # inputs that ask for one: the embedding output must, or no gradient reaches the adapters.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
     lora = LoraConfig(
         r=job.lora.r,
@@ -91,8 +117,7 @@ def load_model(job: JobConfig, plan: dict[str, Any], device: str, adapter: dict 
     if adapter is not None:
         load_adapter_weights(model, adapter)
     if loading.partition_after_load:
-        partition_for_zero3(model, ds_config, dtype, device, group)
-    del hf_ds_config
+        partition_for_zero3(model, plan["deepspeed"], dtype, device, group)
     return model
 
 

@@ -224,3 +224,22 @@ def test_the_head_counts_the_checkpoint_its_mailbox_and_driver_hold():
     assert held == 2 * lora * 12 and 4.5e9 < held < 5.5e9  # 207M parameters: fp32 weights and two moments
     assert "newest checkpoint in the mailbox and the driver" not in {
         t.name for t in mem.node_terms(work, False, lora_params=lora)}
+
+
+def test_without_checkpointing_zero3_counts_the_4bit_weights_autograd_keeps():
+    """bitsandbytes' MatMul4Bit keeps a view of each gathered 4-bit weight until backward (issue 29)."""
+    shape = load_shape("llama-3.1-70b")
+    knobs = mem.choose_knobs(shape, mem.Workload(seq_len=1024, micro_batch=1), 1)
+
+    def kept(strategy, checkpointing, bits=4):
+        work = mem.Workload(seq_len=1024, micro_batch=1, gradient_checkpointing=checkpointing, bits=bits)
+        terms = mem.worker_terms(shape, work, strategy, 1, knobs, "gpu")
+        return sum(t.bytes for t in terms if t.name == mem.KEPT_4BIT)
+
+    # 68.45 B weights at 4 bits, stored in bf16 elements: the whole 4-bit base, 31.9 GiB.
+    assert 31.8 * GiB < kept(Strategy(3, "cpu", "cpu"), False) < 32.0 * GiB
+    assert kept(Strategy(3, "nvme", "cpu"), False) == kept(Strategy(3, "cpu", "cpu"), False)
+    # Reentrant checkpointing builds no node in the forward; under ZeRO-2 the view is the resident weight.
+    assert kept(Strategy(3, "cpu", "cpu"), True) == 0
+    assert kept(Strategy(2), False) == 0
+    assert kept(Strategy(3, "cpu", "cpu"), False, bits=None) == 0
