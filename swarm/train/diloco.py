@@ -19,7 +19,9 @@ outer step would; a larger step for B than for A is also what LoRA+ (Hayou et al
 2402.12354) finds trains LoRA better.
 
 Only the first worker of each PC (its leader) takes part in the exchange; the
-pseudo-gradients cross the link in bf16. ``PcGroups`` builds the process groups and the
+pseudo-gradients cross the link in bf16, over gloo on host memory (the PCs' group is made
+``on_host`` beside NCCL inside each PC: the adapter's fp32 copies, the global adapter and
+the outer momentum stay in host RAM, off a card that is full of training). ``PcGroups`` builds the process groups and the
 ``mpu`` that keeps DeepSpeed inside a PC; ``Exchange`` does one exchange.
 """
 
@@ -52,14 +54,18 @@ class PcGroups:
     @classmethod
     def build(cls, addresses: list[str], rank: int) -> "PcGroups":
         """Create the groups from each rank's node address. Collective: every rank calls it."""
-        import torch.distributed as dist
+        from swarm.train import collectives
 
         pcs = sorted(set(addresses))
         pc_ranks = [[r for r, a in enumerate(addresses) if a == pc] for pc in pcs]
         # torch wants every rank to create every group, in the same order.
-        intra = [dist.new_group(ranks) for ranks in pc_ranks]
-        leaders = dist.new_group([ranks[0] for ranks in pc_ranks])
-        alone = [dist.new_group([r]) for r in range(len(addresses))]
+        intra = [collectives.new_group(ranks) for ranks in pc_ranks]
+        # The exchange between PCs runs gloo on host memory, beside NCCL inside each PC: its
+        # tensors (the flat adapter, the global one, the outer momentum) live in host RAM,
+        # where the fp32 masters are with optimizer offload, and a 70B adapter's 1.6 GB of
+        # fp32 copies would otherwise pass through a 16 GB card at every exchange.
+        leaders = collectives.new_group([ranks[0] for ranks in pc_ranks], on_host=True)
+        alone = [collectives.new_group([r]) for r in range(len(addresses))]
         pc = pcs.index(addresses[rank])
         return cls(rank, pc_ranks, pc, intra[pc], leaders, alone[rank])
 
@@ -210,7 +216,8 @@ class Exchange:
             tokens: tokens this PC trained since the last exchange (its weight in the mean).
         """
         import torch
-        import torch.distributed as dist
+
+        from swarm.train import collectives
 
         started = time.perf_counter()
         local = self._local_flat()  # collective inside the PC
@@ -220,31 +227,27 @@ class Exchange:
         if groups.is_leader:
             # The tokens of all PCs (for the weights), and how long each PC waited for the
             # others since the last exchange: the slowest waits least, the fastest most.
-            total = torch.tensor([tokens], dtype=torch.float64)
-            dist.all_reduce(total, group=groups.leaders)
-            most = torch.tensor([self.waited_s], dtype=torch.float64)
-            least = most.clone()
-            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=groups.leaders)
-            dist.all_reduce(least, op=dist.ReduceOp.MIN, group=groups.leaders)
-            wait_s = float(most - least)
-            weight = tokens / float(total) if float(total) else 1.0 / groups.pcs
+            [total] = collectives.reduce_numbers([tokens], group=groups.leaders)
+            [most] = collectives.reduce_numbers([self.waited_s], "max", group=groups.leaders)
+            [least] = collectives.reduce_numbers([self.waited_s], "min", group=groups.leaders)
+            wait_s = most - least
+            weight = tokens / total if total else 1.0 / groups.pcs
             delta = ((self.global_flat - local) * weight).to(torch.bfloat16)
-            dist.all_reduce(delta, group=groups.leaders)  # the sum of the weighted pseudo-gradients
+            # the sum of the weighted pseudo-gradients
+            delta = collectives.all_reduce(delta, group=groups.leaders)
             sent = ring_all_reduce_bytes(delta.numel() * delta.element_size(), groups.pcs)
             new_global, self.momentum_buf = outer_step(self.global_flat, delta.float(), self.momentum_buf,
                                                        self.lr, self.momentum, self.averaged)
         else:
             new_global = torch.empty_like(local)
-        dist.broadcast(new_global, src=groups.leader, group=groups.intra)
+        new_global = collectives.broadcast(new_global, src=groups.leader, group=groups.intra)
         self._set_adapter(new_global)
         self.global_flat = new_global
         self.waited_s = 0.0
         checksums = []
         if groups.is_leader:  # what each PC now trains from, to show they agree
             mine = self._local_flat().double().sum().reshape(1)
-            gathered = [torch.zeros_like(mine) for _ in range(groups.pcs)]
-            dist.all_gather(gathered, mine, group=groups.leaders)
-            checksums = [float(x) for x in gathered]
+            checksums = [float(x) for x in collectives.all_gather(mine, group=groups.leaders)]
         else:
             self._local_flat()  # the gather above is collective inside the PC
         return SyncFigures(sent, time.perf_counter() - started, wait_s, checksums)

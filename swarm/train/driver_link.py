@@ -58,21 +58,26 @@ def group_plan(mailbox, link: DriverLink | None, rank: int, world: int, local: b
     rank, and each rank's node address.
 
     Collective: every rank gathers the node addresses of the group; rank 0 asks the driver
-    for the group's plan and hands it to the others.
+    for the group's plan and hands it to the others (as JSON: nothing received is unpickled).
     """
     import ray
-    import torch.distributed as dist
 
+    from swarm.train import collectives
     from swarm.train.plans import group_key, receive_group_plan
 
-    addresses = [None] * world
-    dist.all_gather_object(addresses, ray.util.get_node_ip_address())
-    answer = [None]
+    addresses = collectives.all_gather_json(ray.util.get_node_ip_address())
+    answer = None
     if rank == 0:
         key = group_key(addresses, local)
-        answer[0] = receive_group_plan(mailbox, key, ask=lambda: link.send({"kind": "plan_request", "key": key}))
-    dist.broadcast_object_list(answer, src=0)
-    return answer[0], addresses
+        answer = receive_group_plan(mailbox, key, ask=lambda: link.send({"kind": "plan_request", "key": key}))
+    return collectives.broadcast_json(answer, src=0), addresses
+
+
+def gather_hosts(on_gpu: bool) -> list[dict]:
+    """Every rank's ``host_facts``, in rank order. Collective."""
+    from swarm.train import collectives
+
+    return collectives.all_gather_json(host_facts(on_gpu))
 
 
 def grad_norm(engine) -> float | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from swarm.config.models import JobConfig
 from swarm.train.diloco import Exchange, PcGroups, full_numel
-from swarm.train.driver_link import DriverLink, grad_norm, group_plan, host_facts, memory_figures, sent_bytes_counter
+from swarm.train.driver_link import DriverLink, gather_hosts, grad_norm, group_plan, memory_figures, sent_bytes_counter
 from swarm.train.mailbox import unpack
 from swarm.train.plans import plan_of_pc
 from swarm.train.runtime import prepare_process_env
@@ -94,9 +94,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray
     import ray.train
     import torch
-    import torch.distributed as dist
     from torch.optim.lr_scheduler import LambdaLR
 
+    from swarm.train import collectives
     from swarm.hardware import gpu_memory_cap_bytes
     from swarm.train.device import memory_fraction, worker_device
     from swarm.train.model import load_model, trainable_parameters
@@ -126,8 +126,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     device = worker_device(placement["use_gpu"], context.get_local_rank(),
                            torch.cuda.device_count() if torch.cuda.is_available() else 0)
     on_gpu = device != "cpu"
+    if str(collectives.device_of()) != device:  # joining the process group set it (trainer.py)
+        raise RuntimeError(f"the process group runs on {collectives.device_of()}, the plan puts this worker on {device}")
     if on_gpu:
-        torch.cuda.set_device(device)
         fraction = memory_fraction(gpu_memory_cap_bytes(), torch.cuda.get_device_properties(device).total_memory)
         if fraction is not None:
             torch.cuda.set_per_process_memory_fraction(fraction, device)
@@ -165,8 +166,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         exchange = Exchange(engine, named, pc_groups, sync["outer_lr"], sync["outer_momentum"], saved)
         pc_tokens = 0  # this worker's tokens since the last exchange
 
-    hosts = [None] * world
-    dist.all_gather_object(hosts, host_facts(on_gpu))
+    hosts = gather_hosts(on_gpu)
     if link is not None:
         link.deliver({
             "kind": "start", "world_size": world, "precision": precision, "start_step": start_step,
@@ -208,10 +208,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         # all-reduce each step already makes, so every rank stops at the same step.
         stop = 1.0 if link is not None and link.stop_requested() else 0.0
         sent = sent_bytes() - sent_before
-        totals = torch.tensor([loss_sum.item() / ga, tokens, stop, sent, *figures], dtype=torch.float64,
-                              device=device)
         reduced = time.perf_counter()
-        dist.all_reduce(totals)
+        totals = collectives.reduce_numbers([loss_sum.item() / ga, tokens, stop, sent, *figures])
         if exchange is not None:
             exchange.blocked(time.perf_counter() - reduced)  # waiting for the other PCs
             pc_tokens += tokens
@@ -220,14 +218,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         last = done == job.train.max_steps
         if link is not None and (done % job.train.log_every == 0 or last):
             link.send({
-                "kind": "step", "step": done, "loss": totals[0].item() / world,
+                "kind": "step", "step": done, "loss": totals[0] / world,
                 "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm(engine),
-                "tokens": int(totals[1].item()), "tokens_per_s": totals[1].item() / elapsed,
+                "tokens": int(totals[1]), "tokens_per_s": totals[1] / elapsed,
                 "step_time_s": elapsed, **memory_figures(on_gpu),
-                **({"sent_bytes_per_worker": round(totals[3].item() / world)} if counting else {}),
-                **{name: totals[4 + i].item() / world for i, name in enumerate(objective.figures)},
+                **({"sent_bytes_per_worker": round(totals[3] / world)} if counting else {}),
+                **{name: totals[4 + i] / world for i, name in enumerate(objective.figures)},
             })
-        stopping = totals[2].item() > 0
+        stopping = totals[2] > 0
         saving = stopping or last or done % job.train.checkpoint_every == 0
         evaluating = data["eval"] is not None and (done % job.train.eval_every == 0 or last)
         # diloco exchanges before a checkpoint and before an eval as well, so both hold the
@@ -261,34 +259,28 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
 def pc_total(tokens: int, groups) -> float:
     """The tokens of this worker's PC since the last exchange. Collective inside the PC."""
-    import torch
-    import torch.distributed as dist
+    from swarm.train import collectives
 
-    total = torch.tensor([float(tokens)], dtype=torch.float64)
-    dist.all_reduce(total, group=groups.intra)
-    return float(total)
+    return collectives.reduce_numbers([float(tokens)], group=groups.intra)[0]
 
 
 def evaluate(engine, split, objective, job: JobConfig, mb: int, rank: int, world: int) -> dict[str, float]:
     """The eval figures (``eval_loss``, weighted by tokens or pairs) over up to ``eval_batches``
     micro-batches of ``mb`` blocks per worker."""
     import torch
-    import torch.distributed as dist
 
+    from swarm.train import collectives
     from swarm.train.objective import eval_figures
 
     batches = min(job.train.eval_batches, max(1, math.ceil(len(split) / (mb * world))))
     device = engine.device
-    totals = torch.zeros(2 + len(objective.figures), dtype=torch.float64, device=device)
+    totals = [0.0] * (2 + len(objective.figures))
     engine.eval()
     with torch.no_grad():
         for b in range(batches):
             # Wrap around so every rank runs the same number of forward passes.
             idx = [(b * world * mb + rank * mb + i) % len(split) for i in range(mb)]
             inputs, _ = split.batch(idx, device)
-            totals += torch.tensor(objective.eval_sums(engine, inputs), dtype=torch.float64, device=device)
+            totals = [t + float(s) for t, s in zip(totals, objective.eval_sums(engine, inputs))]
     engine.train()
-    dist.all_reduce(totals)
-    return eval_figures(objective, totals.tolist())
-
-
+    return eval_figures(objective, collectives.reduce_numbers(totals))

@@ -76,9 +76,16 @@ class ProcessGroupBackend(Backend):
 
 
 def join_process_group(address: str, port: int, backend: str, timeout_s: int) -> None:
-    """Runs on each worker: torch's distributed variables, then ``init_process_group``."""
+    """Runs on each worker: torch's distributed variables, the worker's device, then the group.
+
+    With NCCL the device is set before the group exists (``swarm.train.collectives.join``):
+    NCCL makes each communicator on the current device, which is GPU 0 until it is set.
+    """
     import ray.train
-    import torch.distributed as dist
+    import torch
+
+    from swarm.train import collectives
+    from swarm.train.device import worker_device
 
     context = ray.train.get_context()
     os.environ.update({
@@ -93,9 +100,11 @@ def join_process_group(address: str, port: int, backend: str, timeout_s: int) ->
 
         for key, value in collective_env(backend, [(g.name, g.compute_capability) for g in gpus()]).items():
             os.environ.setdefault(key, value)
-    dist.init_process_group(
-        backend=backend, init_method="env://", rank=context.get_world_rank(),
-        world_size=context.get_world_size(), timeout=dt.timedelta(seconds=timeout_s),
+    visible = torch.cuda.device_count() if backend == "nccl" else 0
+    collectives.join(
+        backend, worker_device(backend == "nccl", context.get_local_rank(), visible),
+        init_method="env://", rank=context.get_world_rank(), world_size=context.get_world_size(),
+        timeout=dt.timedelta(seconds=timeout_s),
     )
 
 

@@ -26,11 +26,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch, torch.distributed as dist, deepspeed
 from deepspeed.utils import safe_get_full_fp32_param
 from peft import LoraConfig, get_peft_model
+from swarm.train import collectives
 from swarm.train.diloco import Exchange, PcGroups
 
 rank, world, stage, lr, momentum, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
 addresses = json.loads(sys.argv[7])
-dist.init_process_group("gloo", rank=rank, world_size=world)
+collectives.join("gloo", "cpu", rank=rank, world_size=world)
 deepspeed.init_distributed(dist_backend="gloo")
 groups = PcGroups.build(addresses, rank)
 torch.manual_seed(0)
