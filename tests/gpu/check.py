@@ -12,7 +12,7 @@ It runs the worker's code in one process, without Ray: the machine lent for this
 carries none of Ray's wheels (too large to bring along). ``swarm train`` adds only the
 orchestration around these calls.
 
-    python tests/gpu/check.py --out DIR [--case cpu-offload --case nvme-offload ...]
+    python tests/gpu/check.py --out DIR [--case nccl --case cpu-offload --case nvme-offload ...]
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "gpu"))
 
+# The cases by value, most first: the whole check must fit about 8 minutes of a short lease.
+# "nccl" (tests/gpu/nccl_case.py, seconds) runs swarm's collectives in a one-rank NCCL group;
+# the others train a real shape.
+DEFAULT_CASES = ["nccl", "cpu-offload", "nvme-offload"]
 CASES = {
     # name: (bundled shape, offload params, offload optimizer, strategy)
     "cpu-offload": ("qwen2.5-0.5b", "cpu", "cpu", "shard"),
@@ -127,7 +132,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/swarm-gpu-check"))
-    parser.add_argument("--case", action="append", choices=sorted(CASES))
+    parser.add_argument("--case", action="append", choices=sorted([*CASES, "nccl"]))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers than the real shape (smoke runs)")
@@ -142,13 +147,22 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
-    for name in args.case or ["cpu-offload", "nvme-offload"]:
+    for name in args.case or DEFAULT_CASES:
         try:
-            results.append(run_case(name, args))
+            if name == "nccl":
+                import nccl_case
+
+                results.append(nccl_case.run("cuda:0"))
+            else:
+                results.append(run_case(name, args))
         except Exception as exc:  # noqa: BLE001 - one case failing must not hide the others' figures
             results.append({"case": name, "failed": f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"})
         r = results[-1]
-        if "tokens_per_s" in r:
+        if r.get("case") == "nccl":
+            print(f"nccl: plan, addresses, host facts, step sums and a diloco exchange on {r['device']}: "
+                  f"{'ok' if r['exchange_ok'] and r['plan_round_trip'] else 'WRONG'} (exchange {r['exchange_s']} s, "
+                  f"max error {r['exchange_max_error']:.1e})", flush=True)
+        elif "tokens_per_s" in r:
             print(f"{name}: {r['strategy']} {r['precision']} on {r['device']}: loss {r['first_loss']:.3f} -> "
                   f"{r['last_loss']:.3f}, {r['tokens_per_s']} tokens/s (plan {r['planned_tokens_per_s']}), "
                   f"peak GPU {r['peak_gpu_allocated_bytes'] / 2**30:.2f} GiB "
@@ -157,7 +171,8 @@ def main() -> int:
         else:
             print(f"{name}: {r.get('skipped') or r.get('failed')}", flush=True)
     (args.out / "gpu-check.json").write_text(json.dumps(results, indent=2) + "\n")
-    return 0 if all("failed" not in r for r in results) else 1
+    wrong = [r for r in results if "failed" in r or r.get("exchange_ok") is False or r.get("plan_round_trip") is False]
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":
