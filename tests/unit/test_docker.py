@@ -180,6 +180,14 @@ def test_constraints_pin_exactly_the_dependencies_of_pyproject():
         )
 
 
+def test_deepspeed_floor_has_zero3_checkpointing_with_frozen_parameters():
+    # Before DeepSpeed 0.19.3 (PR 8148), ZeRO-3 partitions a frozen parameter (the whole
+    # 4-bit base) while non-reentrant checkpointing recomputes a layer, and the first backward
+    # raises torch's CheckpointError (reproduced with 0.19.2 on 2026-12-07; 0.19.3 trains).
+    allowed = dependencies()["deepspeed"].specifier
+    assert not allowed.contains("0.19.2") and allowed.contains("0.19.3")
+
+
 def test_torch_pin_is_the_build_ci_installs():
     # CI (and this machine) install torch==2.13.0 as a CPU build from local disk; the pin and
     # pyproject's range must keep allowing it.
