@@ -184,8 +184,9 @@ def run(args) -> list[dict]:
 
     Args:
         args: the check's parsed arguments; only ``args.work`` (a writable folder) is read.
-            The card should be capped to 16 GiB already (``SWARM_GPU_MEMORY_GB`` and torch's
-            memory fraction, as ``check.py`` sets them).
+            Call it after ``check.py`` has prepared the process
+            (``swarm.train.runtime.prepare_process_env`` and the rendezvous variables); the
+            card is capped to ``SWARM_GPU_MEMORY_GB`` (16 GiB when unset) here.
 
     Returns:
         One dict per shape: ``case``, the measured peaks and planned figures per layer count,
