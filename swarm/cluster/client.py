@@ -106,7 +106,9 @@ class AgentClient:
         self._fingerprint = tls.fingerprint(pem)
         self._channel = grpc.secure_channel(
             self.address, grpc.ssl_channel_credentials(root_certificates=pem),
-            options=[("grpc.ssl_target_name_override", tls.AGENT_TLS_NAME)],
+            # Agents are the swarm's own PCs: a web proxy from the environment (gRPC honours
+            # http_proxy / https_proxy) would only learn who talks to whom, or break the call.
+            options=[("grpc.ssl_target_name_override", tls.AGENT_TLS_NAME), ("grpc.enable_http_proxy", 0)],
         )
         return self._channel
 

@@ -65,8 +65,16 @@ def record_progress(job_id: str, step: int, loss: float | None) -> None:
     os.replace(tmp, folder / f"{job_id}.json")
 
 
+# The dashboard is on the swarm's own head (its loopback, as a rule): a proxy that the user set
+# for the web (http_proxy, https_proxy; urllib honours them and bypasses 127.0.0.1 only when
+# no_proxy says so) must never see these calls, which carry Ray's token in a header.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def dashboard_get(dashboard: str, path: str, secret: str | None, timeout_s: float = 10.0):
     """GET a dashboard API path with Ray's token (derived from ``secret``); the parsed JSON.
+
+    The call goes straight to the dashboard, whatever proxy the environment names.
 
     Raises:
         UserError: the dashboard is unreachable or refuses the token.
@@ -75,7 +83,7 @@ def dashboard_get(dashboard: str, path: str, secret: str | None, timeout_s: floa
     if secret:
         request.add_header("Authorization", f"Bearer {keys.ray_token(secret)}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with _DIRECT.open(request, timeout=timeout_s) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
