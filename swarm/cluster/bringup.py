@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from swarm import hardware
 from swarm.cluster import builders, tls
 from swarm.cluster.client import AgentCallError, AgentClient
-from swarm.cluster.constants import RAY_DASHBOARD_AGENT_HTTP_PORT, RAY_NODE_MANAGER_PORT, RAY_RUNTIME_ENV_AGENT_PORT
+from swarm.cluster.constants import RAY_DASHBOARD_AGENT_GRPC_PORT, RAY_NODE_MANAGER_PORT, RAY_RUNTIME_ENV_AGENT_PORT
 from swarm.cluster.proto import agent_pb2 as pb
 from swarm.cluster.spec import LOOPBACK, ClusterSpec, NodeSpec
 from swarm.cluster.state import alive_addresses, clear_cluster_state, load_cluster_state, save_cluster_state
@@ -27,7 +27,7 @@ from swarm.errors import UserError
 # head has not registered, asks again only every 2 seconds. The head's raylet registers as
 # soon as its two agents listen: once these ports answer, a worker started now finds the head
 # on its first question instead of losing up to 2 s.
-HEAD_READY_PORTS = (RAY_NODE_MANAGER_PORT, RAY_RUNTIME_ENV_AGENT_PORT, RAY_DASHBOARD_AGENT_HTTP_PORT)
+HEAD_READY_PORTS = (RAY_NODE_MANAGER_PORT, RAY_RUNTIME_ENV_AGENT_PORT, RAY_DASHBOARD_AGENT_GRPC_PORT)
 
 
 @dataclass

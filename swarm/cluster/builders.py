@@ -28,6 +28,7 @@ _SCRUBBED_ENV = (
     "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS",
     "RAY_USE_TLS", "RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT",
     "RAY_enable_metrics_collection", "AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT",
+    "RAY_event_log_reporter_enabled",
 )
 # Ray binds its autoscaler's and its dashboard's Prometheus servers to every address, without
 # authentication, and offers no switch to turn them off. A port number outside 0-65535 makes
@@ -98,7 +99,12 @@ def ray_start_argv(s: RayNodeSettings, python: str = sys.executable) -> list[str
         "--object-manager-port", str(C.RAY_OBJECT_MANAGER_PORT),
         "--runtime-env-agent-port", str(C.RAY_RUNTIME_ENV_AGENT_PORT),
         "--dashboard-agent-grpc-port", str(C.RAY_DASHBOARD_AGENT_GRPC_PORT),
-        "--dashboard-agent-listen-port", str(C.RAY_DASHBOARD_AGENT_HTTP_PORT),
+        # The dashboard agent's HTTP server (Ray's per-node job agent, and Serve's API) runs
+        # any command for whoever holds Ray's token, on the node's LAN address, with no
+        # certificate asked: a leaked token would be a shell on every PC. swarm runs no Ray
+        # job through it, so it stays closed (a port Ray cannot bind; the agent logs it once
+        # and runs without HTTP). Jobs reach the swarm as drivers, over mutual TLS.
+        "--dashboard-agent-listen-port", _NO_PORT,
         "--metrics-export-port", str(C.RAY_METRICS_EXPORT_PORT),
         "--min-worker-port", str(C.RAY_MIN_WORKER_PORT),
         "--max-worker-port", str(C.RAY_MAX_WORKER_PORT),
@@ -142,7 +148,8 @@ def worker_slots(num_gpus: int | None, detected_gpus: int) -> int:
     return max(1, gpus)
 
 
-def ray_node_env(token: str | None, interface: str | None, tls_files=None, metrics: bool = False) -> dict[str, str]:
+def ray_node_env(token: str | None, interface: str | None, tls_files=None, metrics: bool = False,
+                 events: bool = True) -> dict[str, str]:
     """Variables to set for a Ray node (and so for every worker process it spawns).
 
     Args:
@@ -155,11 +162,14 @@ def ray_node_env(token: str | None, interface: str | None, tls_files=None, metri
             TLS; ``None`` (only with ``--insecure``) leaves it in plain text.
         metrics: open Ray's Prometheus endpoints (unauthenticated, on every address) on the
             pinned metrics ports; off, they stay closed.
+        events: let the node's processes write Ray's event files, which its dashboard agent
+            posts to the dashboard with Ray's token (see ``ray_events_env``): the head only.
     """
     env = {"RAY_USAGE_STATS_ENABLED": "0"}
     env.update(ray_auth_env(token))
     env.update(ray_tls_env(tls_files))
     env.update(ray_metrics_env(metrics))
+    env.update(ray_events_env(events))
     if interface:
         env["NCCL_SOCKET_IFNAME"] = interface
         env["GLOO_SOCKET_IFNAME"] = interface
@@ -192,6 +202,18 @@ def ray_metrics_env(metrics: bool) -> dict[str, str]:
                 "DASHBOARD_METRIC_PORT": str(C.RAY_DASHBOARD_METRICS_PORT)}
     # Off, the dashboard agent (6384) does not start its exporter at all.
     return {"RAY_enable_metrics_collection": "0", "AUTOSCALER_METRIC_PORT": _NO_PORT, "DASHBOARD_METRIC_PORT": _NO_PORT}
+
+
+def ray_events_env(events: bool) -> dict[str, str]:
+    """Ray's event files on (the head) or off (a worker).
+
+    A node's dashboard agent posts every event its processes write to the dashboard address
+    that Ray keeps in its GCS, with Ray's token in plain HTTP. That address is the head's
+    loopback (127.0.0.1:8265): on a worker PC nothing listens there, and any local user who
+    binds the port would collect the token (with the dashboard on the LAN, the token would
+    cross it in clear). On the head the dashboard itself holds that port.
+    """
+    return {} if events else {"RAY_event_log_reporter_enabled": "0"}
 
 
 def child_env(base: Mapping[str, str], overlay: Mapping[str, str]) -> dict[str, str]:

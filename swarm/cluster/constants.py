@@ -20,7 +20,8 @@ RAY_DASHBOARD_AGENT_GRPC_PORT = 6383  # every node: per-node dashboard agent (gR
 RAY_METRICS_EXPORT_PORT = 6384  # every node: Prometheus metrics (only with `ray.metrics: true`)
 RAY_AUTOSCALER_METRICS_PORT = 6385  # head: autoscaler's Prometheus metrics (only with `ray.metrics: true`)
 RAY_DASHBOARD_METRICS_PORT = 6386  # head: dashboard's Prometheus metrics (only with `ray.metrics: true`)
-RAY_DASHBOARD_AGENT_HTTP_PORT = 52365  # every node: per-node dashboard agent (HTTP)
+# Ray's per-node dashboard agent also serves HTTP (its job agent) on 52365 by default; swarm
+# keeps that server closed (swarm.cluster.builders.ray_start_argv), so it has no port here.
 RAY_MIN_WORKER_PORT = 10002  # every node: one port per Ray worker process, in this range
 RAY_MAX_WORKER_PORT = 10999
 
@@ -38,7 +39,6 @@ WORKER_PORTS = (
     RAY_OBJECT_MANAGER_PORT,
     RAY_RUNTIME_ENV_AGENT_PORT,
     RAY_DASHBOARD_AGENT_GRPC_PORT,
-    RAY_DASHBOARD_AGENT_HTTP_PORT,
 )
 HEAD_PORTS = (RAY_GCS_PORT, RAY_DASHBOARD_PORT, RAY_CLIENT_PORT) + WORKER_PORTS
 # Unauthenticated Prometheus endpoints, open only when the cluster file asks for metrics.

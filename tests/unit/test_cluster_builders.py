@@ -105,6 +105,24 @@ def test_metrics_endpoints_are_closed_unless_asked():
         C.RAY_AUTOSCALER_METRICS_PORT, C.RAY_DASHBOARD_METRICS_PORT}
 
 
+def test_no_node_serves_rays_http_job_agent():
+    """Ray's per-node job agent (HTTP, node address) runs any command for the token alone."""
+    for role, ip in ((WORKER, "198.18.0.2"), (HEAD, "198.18.0.1")):
+        s = RayNodeSettings(role=role, node_ip=ip, head_address="198.18.0.1", temp_dir="/tmp/r",
+                            object_store_bytes=C.MIN_OBJECT_STORE_BYTES)
+        argv = ray_start_argv(s)
+        assert int(argv[argv.index("--dashboard-agent-listen-port") + 1]) > 65535
+
+
+def test_only_the_head_writes_ray_events():
+    """A worker's dashboard agent would post them with the token to 127.0.0.1:8265, where
+    nothing of the swarm listens on a worker."""
+    assert ray_node_env("t", None, FILES, events=False)["RAY_event_log_reporter_enabled"] == "0"
+    assert "RAY_event_log_reporter_enabled" not in ray_node_env("t", None, FILES, events=True)
+    base = {"RAY_event_log_reporter_enabled": "1"}
+    assert "RAY_event_log_reporter_enabled" not in child_env(base, ray_node_env("t", None, FILES, events=True))
+
+
 def test_insecure_env_disables_auth_and_tls_explicitly_and_carries_no_token():
     env = ray_node_env(None, None)
     assert env["RAY_AUTH_MODE"] == "disabled" and env["RAY_USE_TLS"] == "0"
