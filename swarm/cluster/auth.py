@@ -25,11 +25,9 @@ import hmac
 import secrets
 import threading
 import time
-from collections import OrderedDict
 
 NONCE_BYTES = 16
 NONCE_TTL_S = 60.0
-MAX_OUTSTANDING_NONCES = 4096  # a flood of Challenge calls cannot grow memory past this
 
 MD_SERVER_NONCE = "swarm-nonce-bin"  # "-bin" metadata keys carry raw bytes in gRPC
 MD_CLIENT_NONCE = "swarm-cnonce-bin"
@@ -65,35 +63,68 @@ def new_nonce() -> bytes:
 
 
 class NonceBook:
-    """Server nonces handed out and not yet used; each one is accepted once, while fresh.
+    """Server nonces: each accepted once, while fresh, with no memory spent on handing them out.
+
+    A nonce carries the time it was issued and a MAC over that time and random bytes, made
+    with a key only this process knows; so ``issue`` remembers nothing, and a flood of
+    Challenge calls (the one unauthenticated method) can neither grow memory nor push a
+    legitimate caller's nonce out. Only nonces spent by calls whose signature checked are
+    remembered, until they expire: that memory grows with the secret holders' own calls.
 
     Args:
         ttl_s: how long a nonce stays valid.
-        capacity: most nonces outstanding; the oldest are forgotten first.
         clock: time source (tests pass a fake one).
     """
 
-    def __init__(self, ttl_s: float = NONCE_TTL_S, capacity: int = MAX_OUTSTANDING_NONCES, clock=time.monotonic):
+    _TAG_BYTES = 16
+
+    def __init__(self, ttl_s: float = NONCE_TTL_S, clock=time.monotonic):
         self._ttl_s = ttl_s
-        self._capacity = capacity
         self._clock = clock
-        self._issued: OrderedDict[bytes, float] = OrderedDict()
+        self._key = secrets.token_bytes(32)
+        self._spent: dict[bytes, float] = {}  # nonce -> issue time, while fresh
         self._lock = threading.Lock()
 
+    def _tag(self, body: bytes) -> bytes:
+        return hmac.new(self._key, body, hashlib.sha256).digest()[: self._TAG_BYTES]
+
     def issue(self) -> bytes:
-        """A fresh nonce, remembered until used or expired."""
-        nonce = new_nonce()
+        """A fresh nonce: issue time (ms), random bytes, and their tag."""
+        body = int(self._clock() * 1000).to_bytes(8, "big", signed=True) + secrets.token_bytes(NONCE_BYTES)
+        return body + self._tag(body)
+
+    def _issued_at(self, nonce: bytes) -> float | None:
+        """When this book issued ``nonce`` (seconds), or None when it did not or it expired."""
+        body, tag = nonce[: -self._TAG_BYTES], nonce[-self._TAG_BYTES:]
+        if len(body) != 8 + NONCE_BYTES or not hmac.compare_digest(self._tag(body), tag):
+            return None
+        issued_at = int.from_bytes(body[:8], "big", signed=True) / 1000
+        return issued_at if 0 <= self._clock() - issued_at <= self._ttl_s else None
+
+    def fresh(self, nonce: bytes) -> bool:
+        """True for a nonce this book issued less than ``ttl_s`` ago and not yet spent."""
+        if self._issued_at(nonce) is None:
+            return False
         with self._lock:
-            self._issued[nonce] = self._clock()
-            while len(self._issued) > self._capacity:
-                self._issued.popitem(last=False)
-        return nonce
+            return nonce not in self._spent
 
     def consume(self, nonce: bytes) -> bool:
-        """True once for a nonce this book issued less than ``ttl_s`` ago; False otherwise."""
+        """Spend ``nonce``: True once for a fresh nonce this book issued; False otherwise.
+
+        Call it once the call's signature has checked, so that only secret holders' calls
+        take memory.
+        """
+        issued_at = self._issued_at(nonce)
+        if issued_at is None:
+            return False
+        now = self._clock()
         with self._lock:
-            issued_at = self._issued.pop(nonce, None)
-        return issued_at is not None and self._clock() - issued_at <= self._ttl_s
+            for old in [n for n, at in self._spent.items() if now - at > self._ttl_s]:
+                del self._spent[old]
+            if nonce in self._spent:
+                return False
+            self._spent[nonce] = issued_at
+            return True
 
 
 def verify(expected: bytes, given: bytes | None) -> bool:

@@ -42,6 +42,10 @@ class _Authenticator:
         self.channel = channel  # fingerprint of the certificate this server shows
         self.nonces = auth.NonceBook()
 
+    def use(self, secret: str) -> None:
+        """Check and sign every later call with keys derived from ``secret`` (after a Rekey)."""
+        self.key = keys.agent_key(secret)
+
     def check(self, method: str, body: bytes, context: grpc.ServicerContext) -> tuple[bytes, bytes]:
         if self.key is None:  # agent started with --insecure
             return b"", b""
@@ -53,14 +57,18 @@ class _Authenticator:
                 "the call carries no signature: the caller has no cluster secret (copy the head's "
                 "secret file to $SWARM_HOME/secret on that PC)",
             )
-        if not self.nonces.consume(snonce):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "the call's nonce is unknown, used or expired (a replay?)")
+        replay = "the call's nonce is unknown, used or expired (a replay?)"
+        if not self.nonces.fresh(snonce):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, replay)
         if not auth.verify(auth.request_mac(self.key, method, snonce, cnonce, body, self.channel), mac):
             context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "the call is signed with a different cluster secret than this agent's (or for another "
                 "TLS certificate: something between you and the agent?); use the same secret file on every PC",
             )
+        # Spent only now: a caller without the secret cannot use up memory (nor anyone's nonce).
+        if not self.nonces.consume(snonce):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, replay)
         return snonce, cnonce
 
     def sign(self, method: str, snonce: bytes, cnonce: bytes, body: bytes, context: grpc.ServicerContext) -> None:
@@ -87,6 +95,8 @@ def _handlers(service, authn: _Authenticator) -> dict[str, grpc.RpcMethodHandler
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             out = reply.SerializeToString()
             authn.sign(name, snonce, cnonce, out, context)
+            if name == "Rekey":  # signed with the old key, which the caller still holds; then the new
+                authn.use(service.secret)
             return out
 
         return behavior

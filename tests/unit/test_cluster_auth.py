@@ -223,14 +223,41 @@ def test_macs_bind_every_part():
 
 def test_nonce_book_accepts_each_nonce_once_while_fresh():
     now = [0.0]
-    book = auth.NonceBook(ttl_s=10, capacity=3, clock=lambda: now[0])
+    book = auth.NonceBook(ttl_s=10, clock=lambda: now[0])
     a = book.issue()
-    assert book.consume(a) and not book.consume(a)
+    assert book.fresh(a) and book.consume(a) and not book.consume(a) and not book.fresh(a)
     b = book.issue()
     now[0] = 11.0
     assert not book.consume(b)  # expired
     assert not book.consume(auth.new_nonce())  # never issued
-    first = book.issue()
-    for _ in range(3):
+    assert not book.consume(auth.NonceBook(ttl_s=10, clock=lambda: now[0]).issue())  # another agent's
+    forged = bytearray(book.issue())
+    forged[3] ^= 1  # an issue time moved by hand
+    assert not book.consume(bytes(forged))
+
+
+def test_a_challenge_flood_neither_evicts_a_callers_nonce_nor_takes_memory():
+    """Issue 32: 4,096 Challenge calls used to push out every nonce handed out before them."""
+    book = auth.NonceBook()
+    mine = book.issue()
+    for _ in range(100_000):  # the flood: nonces the attacker never spends
         book.issue()
-    assert not book.consume(first)  # evicted: a Challenge flood cannot grow memory
+    assert book._spent == {}  # handing out nonces remembers nothing
+    assert book.consume(mine)
+    assert len(book._spent) == 1  # only the spent one, until it expires
+
+def test_a_caller_signs_with_its_nonce_after_a_challenge_flood_over_grpc(agent):
+    """Someone without the secret asks for 5,000 nonces between a caller's Challenge and its
+    call (the old agent kept 4,096 and forgot the oldest): the call still goes through."""
+    address = agent(SECRET)
+    key = keys.agent_key(SECRET)
+    body = pb.HealthRequest().SerializeToString()
+    channel, channel_id = open_channel(address)
+    with channel:
+        md = _signed(channel, "Health", body, key, channel_id)
+        challenge = channel.unary_unary(method_path("Challenge"))
+        empty = pb.ChallengeRequest().SerializeToString()
+        for _ in range(5000):
+            challenge(empty)
+        reply = pb.HealthReply.FromString(channel.unary_unary(method_path("Health"))(body, metadata=md))
+    assert reply.healthy
