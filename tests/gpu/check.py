@@ -30,8 +30,9 @@ sys.path.insert(0, str(REPO / "tests" / "gpu"))
 
 # The cases by value, most first: the whole check must fit about 8 minutes of a short lease.
 # "nccl" (tests/gpu/nccl_case.py, seconds) runs swarm's collectives in a one-rank NCCL group;
-# the others train a real shape.
-DEFAULT_CASES = ["nccl", "cpu-offload", "nvme-offload"]
+# "slices" (tests/gpu/memory_slices.py, minutes) measures the peak of 8B and 70B layer slices
+# against the plan; the others train a real shape.
+DEFAULT_CASES = ["nccl", "slices", "cpu-offload", "nvme-offload"]
 CASES = {
     # name: (bundled shape, offload params, offload optimizer, strategy)
     "cpu-offload": ("qwen2.5-0.5b", "cpu", "cpu", "shard"),
@@ -132,7 +133,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/swarm-gpu-check"))
-    parser.add_argument("--case", action="append", choices=sorted([*CASES, "nccl"]))
+    parser.add_argument("--case", action="append", choices=sorted([*CASES, "nccl", "slices"]))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers than the real shape (smoke runs)")
@@ -153,6 +154,13 @@ def main() -> int:
                 import nccl_case
 
                 results.append(nccl_case.run("cuda:0"))
+            elif name == "slices":
+                import memory_slices
+
+                for row in memory_slices.run(args):
+                    results.append(row)
+                    print(memory_slices.describe(row), flush=True)
+                continue
             else:
                 results.append(run_case(name, args))
         except Exception as exc:  # noqa: BLE001 - one case failing must not hide the others' figures
@@ -171,7 +179,10 @@ def main() -> int:
         else:
             print(f"{name}: {r.get('skipped') or r.get('failed')}", flush=True)
     (args.out / "gpu-check.json").write_text(json.dumps(results, indent=2) + "\n")
-    wrong = [r for r in results if "failed" in r or r.get("exchange_ok") is False or r.get("plan_round_trip") is False]
+    import memory_slices
+
+    wrong = [r for r in results if "failed" in r or r.get("exchange_ok") is False or r.get("plan_round_trip") is False
+             or (str(r.get("case", "")).startswith("slices-") and not memory_slices.passed(r))]
     return 1 if wrong else 0
 
 

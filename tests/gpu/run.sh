@@ -2,9 +2,10 @@
 # The GPU check (see tests/gpu/check.py), sized for a short lease of a GPU machine.
 #
 # On a machine with an NVIDIA GPU: installs the wheels carried in .whl/ (the lent machine
-# reaches no registry; see tests/gpu/README.md for how to fetch them), then trains a
-# Qwen2.5-0.5B-shaped model with ZeRO-3 QLoRA and CPU offload, then with NVMe offload, on a
-# card capped to 16 GiB, and prints tokens/s and peak GPU memory beside the plan's.
+# reaches no registry; see tests/gpu/README.md for how to fetch them), then runs the cases in
+# order of value: swarm's collectives in a one-rank NCCL group, 8B and 70B layer slices'
+# peak memory against the plan, and a Qwen2.5-0.5B-shaped model trained with ZeRO-3 QLoRA and
+# CPU, then NVMe, offload on a card capped to 16 GiB (tokens/s and peak beside the plan's).
 # Without a GPU it prints one line and exits 0.
 #
 #   bash tests/gpu/run.sh [OUT_DIR]
