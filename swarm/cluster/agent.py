@@ -30,7 +30,8 @@ from swarm.cluster.proto import agent_pb2 as pb
 from swarm.cluster.raynode import RayNode, RayStartError
 from swarm.cluster.server import AgentError, build_server
 from swarm.errors import UserError
-from swarm.home import home_dir, logs_dir, offload_dir, ray_temp_dir, resolve_secret, swarm_home
+from swarm.home import (home_dir, logs_dir, offload_dir, ray_temp_dir, resolve_secret, secret_path, swarm_home,
+                        write_private)
 
 WRITE_SPEED_MAX_AGE_S = 600.0  # a drive's speed does not change; re-measure rarely
 
@@ -105,15 +106,16 @@ class AgentService:
 
     def _ray_env(self, request: pb.StartRayRequest, settings: RayNodeSettings) -> dict[str, str]:
         """The node's variables: the derived token and the certificate the head sent."""
+        events = settings.role == builders.HEAD  # see builders.ray_events_env
         if self.secret is None:
-            return builders.ray_node_env(None, settings.interface, None, settings.metrics)
+            return builders.ray_node_env(None, settings.interface, None, settings.metrics, events)
         if not request.node_certificate:
             raise AgentError("the head sent no node certificate (it runs an older swarm); install the same swarm on every PC")
         try:
             files = tls.install_node_certificate(request.node_certificate, request.ca_certificate, settings.node_ip)
         except UserError as exc:
             raise AgentError(f"{socket.gethostname()}: {exc}", grpc.StatusCode.PERMISSION_DENIED) from None
-        return builders.ray_node_env(keys.ray_token(self.secret), settings.interface, files, settings.metrics)
+        return builders.ray_node_env(keys.ray_token(self.secret), settings.interface, files, settings.metrics, events)
 
     def issue_certificate(self, request: pb.IssueCertificateRequest) -> pb.IssueCertificateReply:
         """A node certificate from this PC's CA (the head's) for a PC that joins without agent."""
@@ -125,6 +127,22 @@ class AgentService:
             raise AgentError(f"{request.address!r} is not an IPv4 address", grpc.StatusCode.INVALID_ARGUMENT) from None
         cert = tls.issue_node_certificate(request.public_key, [request.address])
         return pb.IssueCertificateReply(certificate=cert, ca_certificate=tls.ca_certificate_pem())
+
+    def rekey(self, request: pb.RekeyRequest) -> pb.RekeyReply:
+        """Take the new cluster secret: stop the Ray node (it runs with the old token), save it.
+
+        The server checks later calls with the new secret once this reply is signed.
+        """
+        if self.secret is None:
+            raise AgentError("this agent runs with --insecure: it has no secret to replace")
+        new = keys.open_sealed_secret(self.secret, request.sealed_secret)
+        if new is None or not keys.valid_secret(new):
+            raise AgentError("the new secret did not open with this PC's current one", grpc.StatusCode.INVALID_ARGUMENT)
+        stopped = self.stop_ray()
+        home_dir()
+        write_private(secret_path(), (new + "\n").encode())
+        self.secret = new
+        return pb.RekeyReply(was_running=stopped.was_running)
 
     def stop_ray(self, request: pb.StopRayRequest | None = None) -> pb.StopRayReply:
         with self._lock:

@@ -1,4 +1,5 @@
-"""What ``swarm up``, ``swarm status`` and ``swarm down`` print, around the library calls."""
+"""What ``swarm up``, ``swarm status``, ``swarm down`` and ``swarm token --rotate`` print, around the
+library calls."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import sys
 import threading
 import time
 
-from swarm.cluster import bringup
+from pathlib import Path
+
+from swarm.cluster import bringup, rotate
+from swarm.cluster.keys import ray_token
 from swarm.cluster.spec import ClusterSpec, NodeSpec, load_cluster_spec
-from swarm.cluster.state import cluster_status
+from swarm.cluster.state import cluster_status, load_cluster_state, save_cluster_state
 from swarm.errors import UserError
-from swarm.home import resolve_secret
+from swarm.home import resolve_secret, secret_path
 
 
 def _gib(n: int | None) -> str:
@@ -58,12 +62,45 @@ def up_command(cluster: str | None, insecure: bool, timeout_s: float) -> int:
     start = time.monotonic()
     refusals = bringup.up(spec, secret, timeout_s=timeout_s, say=say_whole_lines)
     elapsed = time.monotonic() - start
+    _remember_cluster_file(cluster)
     print(format_status(cluster_status(secret)))
     print(f"up in {elapsed:.1f}s")
     if refusals:
         # One line for all of them: the error, then what to do.
         raise UserError(f"{len(refusals)} node(s) refused: {'; '.join(refusals)}; fix them and run `swarm up` "
                         "again, the others are up")
+    return 0
+
+
+def _remember_cluster_file(cluster: str | None) -> None:
+    """Record the cluster file in the state, for `swarm token --rotate` to start the swarm again."""
+    state = load_cluster_state()
+    if state is not None:
+        save_cluster_state({**state, "cluster_file": str(Path(cluster).resolve()) if cluster else None})
+
+
+def rotate_command(cluster: str | None, timeout_s: float) -> int:
+    """``swarm token --rotate``: a new secret on every PC, a new CA, the swarm started again.
+
+    Exits 2 (after doing the rest) when some PC did not take the new secret.
+    """
+    secret = resolve_secret(False)
+    state = load_cluster_state()
+    path = cluster or (state or {}).get("cluster_file")
+    if path:
+        spec = load_cluster_spec(path)
+    elif state is not None and [n.get("address") for n in state.get("nodes", [])] == ["127.0.0.1"]:
+        spec = _one_pc_spec()
+    else:
+        raise UserError("which PCs? pass the cluster file: `swarm token --rotate CLUSTER.yaml`")
+    new, failures = rotate.rotate(bringup.spec_state(spec)["nodes"], secret, say=say_whole_lines)
+    if state is not None:  # the swarm was up: start it again with the new token and certificates
+        failures += bringup.up(spec, new, timeout_s=timeout_s, say=say_whole_lines)
+        _remember_cluster_file(path)
+    print(f"new token (the dashboard asks for it): {ray_token(new)}")
+    if failures:
+        raise UserError(f"{len(failures)} PC(s) did not take the new secret: {'; '.join(failures)}; copy "
+                        f"{secret_path()} to them by hand (as at set-up) and run `swarm up` again")
     return 0
 
 
