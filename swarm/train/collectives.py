@@ -21,6 +21,9 @@ to run before it. Groups made with ``new_group(on_host=True)`` run gloo on host 
 beside NCCL: diloco's exchange between PCs, whose state lives in host RAM
 (``swarm.train.diloco``).
 
+The run's rendezvous store (``rendezvous_store``) listens on rank 0's swarm address only,
+where torch's own would listen on every address of the PC.
+
 tests/unit/test_collectives.py holds these rules on the CPU: a recording torch.distributed
 that plays NCCL checks the device of every tensor that reaches it, and a static check finds
 no other module of swarm that imports torch.distributed.
@@ -29,6 +32,7 @@ no other module of swarm that imports torch.distributed.
 from __future__ import annotations
 
 import json
+import socket
 
 import torch
 import torch.distributed as dist
@@ -60,6 +64,31 @@ def join(backend: str, device: str, **init_kwargs) -> None:
     _host_groups.clear()
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, **init_kwargs)
+
+
+def rendezvous_store(address: str, port: int, rank: int, world_size: int, timeout):
+    """The run's torch store (``join(store=...)``), which rank 0 serves on ``address`` only.
+
+    Args:
+        address: rank 0's address on the swarm (its Ray node address).
+        port: a free port there.
+        rank, world_size: this worker's rank, and how many join.
+        timeout: a ``datetime.timedelta``, as ``init_process_group`` takes it.
+
+    torch's own store (``init_method="env://"``) listens on every address of rank 0's PC, and
+    answers anyone who reaches it; here rank 0 binds the socket itself and hands it to torch.
+    Gloo and NCCL bind their own sockets to the swarm's interface (``GLOO_SOCKET_IFNAME``,
+    ``NCCL_SOCKET_IFNAME``, set on every node by ``swarm.cluster.builders.ray_node_env``).
+    """
+    if rank != 0:
+        return dist.TCPStore(address, port, world_size, False, timeout)
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.listen(1024)
+    # detach(): the store owns the socket from now on (a closed Python socket would close it).
+    return dist.TCPStore(address, port, world_size, True, timeout, wait_for_workers=False,
+                         master_listen_fd=sock.detach())
 
 
 def leave() -> None:

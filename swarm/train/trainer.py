@@ -101,10 +101,12 @@ def join_process_group(address: str, port: int, backend: str, timeout_s: int) ->
         for key, value in collective_env(backend, [(g.name, g.compute_capability) for g in gpus()]).items():
             os.environ.setdefault(key, value)
     visible = torch.cuda.device_count() if backend == "nccl" else 0
+    timeout = dt.timedelta(seconds=timeout_s)
+    rank, world_size = context.get_world_rank(), context.get_world_size()
     collectives.join(
         backend, worker_device(backend == "nccl", context.get_local_rank(), visible),
-        init_method="env://", rank=context.get_world_rank(), world_size=context.get_world_size(),
-        timeout=dt.timedelta(seconds=timeout_s),
+        store=collectives.rendezvous_store(address, port, rank, world_size, timeout), rank=rank, world_size=world_size,
+        timeout=timeout,
     )
 
 
