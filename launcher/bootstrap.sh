@@ -26,6 +26,9 @@ usage: bootstrap.sh [options]
   --min-disk-gb N    free space needed where the venv goes (default: 20)   [SWARM_MIN_DISK_GB]
   --require-gpu      fail when no NVIDIA driver is found (default: warn, CPU-only node)
   --no-service       install the unit file but do not enable or start it
+  --firewall CLUSTER as root: install nftables rules so that only the PCs of the cluster file
+                     reach this PC's swarm, Ray and training ports (PyTorch's store and Gloo /
+                     NCCL accept anyone otherwise); see 'swarm firewall --help'
   -h, --help         show this help
 
 $SWARM_HOME (default ~/.swarm) is the state folder that holds the cluster secret.
@@ -45,6 +48,7 @@ PIP_ARGS=${SWARM_PIP_ARGS:-}
 MIN_DISK_GB=${SWARM_MIN_DISK_GB:-20}
 REQUIRE_GPU=0
 START_SERVICE=1
+FIREWALL=
 
 CHANGED=0   # set by every step that changed something; 0 at the end means "nothing to do"
 
@@ -66,6 +70,7 @@ while [[ $# -gt 0 ]]; do
     --min-disk-gb) need_value "$@"; MIN_DISK_GB=$2; shift 2 ;;
     --require-gpu) REQUIRE_GPU=1; shift ;;
     --no-service) START_SERVICE=0; shift ;;
+    --firewall) need_value "$@"; FIREWALL=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
@@ -323,6 +328,17 @@ else
   if [[ $(loginctl show-user "$(id -un)" --property=Linger --value 2>/dev/null || true) == no ]]; then
     say "note: to keep the agent running when nobody is logged in: sudo loginctl enable-linger $(id -un)"
   fi
+fi
+
+# ---- the firewall (root only) ------------------------------------------------------------
+
+# The agent runs as the user and cannot install rules; the one who runs this as root can.
+if [[ -n $FIREWALL ]]; then
+  [[ -f $FIREWALL ]] || die "--firewall: cluster file $FIREWALL does not exist"
+  [[ $(id -u) -eq 0 ]] || die "--firewall needs root (nftables); run 'sudo $VENV/bin/swarm firewall $FIREWALL --apply' instead"
+  command -v nft >/dev/null || die "--firewall needs nft (Debian/Ubuntu: apt install nftables)"
+  "$VENV/bin/swarm" firewall "$FIREWALL" --apply || die "the firewall rules were not installed (see above)"
+  changed "nftables table inet swarm: only the PCs of $FIREWALL reach the swarm's ports"
 fi
 
 # ---- next step ---------------------------------------------------------------------------
