@@ -24,8 +24,19 @@ python -m pip install -q --upgrade pip
 python -m pip install -q -c launcher/constraints.txt torch
 # The gguf extra builds llama-cpp-python from source (minutes, once: pip keeps the wheel).
 # GGML_NATIVE=OFF: a build for any x86-64 CPU with AVX2, not for this one's extensions, so
-# llama.cpp computes the same on every machine the tests run on.
-CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" python -m pip install -q -c launcher/constraints.txt -e ".[test,gguf,trackers]"
+# llama.cpp computes the same on every machine the tests run on (a native build made on an
+# Intel Xeon with AMX segfaulted on quantized GGUFs there: docs/export.md).
+portable="-DGGML_NATIVE=OFF"  # swarm.export.llama_build.PORTABLE_CMAKE_ARGS
+CMAKE_ARGS="${CMAKE_ARGS:-$portable}" python -m pip install -q -c launcher/constraints.txt -e ".[test,gguf,trackers]"
+# pip keys its wheel cache on the version alone: a native wheel of the pinned version built on
+# this machine before is reused whatever CMAKE_ARGS says. Check what is installed; rebuild
+# without the cache when it is not the portable build (the check's line says which it is).
+if ! python -m swarm.export.llama_build; then
+  version=$(python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')
+  CMAKE_ARGS="${CMAKE_ARGS:-} $portable" python -m pip install -q --no-cache-dir --force-reinstall --no-deps \
+    "llama-cpp-python==$version"
+  python -m swarm.export.llama_build  # must say portable now; set -e stops here otherwise
+fi
 # llama.cpp's converters ship in llama-cpp-python's source only; fetched once into ~/.cache/swarm.
 python -m swarm.export.llama_cpp
 
@@ -34,4 +45,5 @@ python -m swarm.export.llama_cpp
 rm -f "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"/*/*/lock
 DS_ACCELERATOR=cpu python tests/build_ops.py
 
-exec python -m pytest -q -p no:cacheprovider --timeout=900 "$@" tests
+# No path: pyproject's testpaths (tests/) when none is given, only the named files otherwise.
+exec python -m pytest -q -p no:cacheprovider --timeout=900 "$@"

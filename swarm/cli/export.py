@@ -12,7 +12,10 @@ def add_parser(subparsers) -> None:
         "AutoModelForCausalLM.from_pretrained); with --gguf or --gguf-adapter, GGUF files for llama.cpp, "
         "Ollama and LM Studio and an Ollama Modelfile to OUT/NAME-gguf. Each folder gets a README.md model "
         "card. Merging needs the base weights on this machine and runs tensor by tensor, in modest RAM. "
-        "GGUF files are made by llama.cpp's own converter and quantizer (pip install 'swarm-train[gguf]').",
+        "GGUF files are made by llama.cpp's own converter and quantizer, which come with the gguf extra, "
+        # swarm.export.llama_build.install_command(), written out: importing swarm.export loads torch.
+        """built for every CPU (pip's own build targets the CPU it runs on): CMAKE_ARGS="-DGGML_NATIVE=OFF" """
+        "pip install --no-cache-dir 'swarm-train[gguf]'.",
     )
     p.add_argument("run_dir", metavar="RUN", help="run folder written by `swarm train`")
     p.add_argument(

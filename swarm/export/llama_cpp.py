@@ -29,8 +29,10 @@ import tempfile
 from pathlib import Path
 
 from swarm.errors import UserError
+from swarm.export.llama_build import install_command
 
-INSTALL_HINT = "install llama.cpp's tools with: pip install 'swarm-train[gguf]'"
+# The portable build: pip's own build of llama.cpp targets the CPU it runs on (llama_build.py).
+INSTALL_HINT = f"install llama.cpp's tools, built for every CPU, with: {install_command()}"
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py")
 # The converter writes these directly; every other type is made by the quantizer from a 16-bit file.
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")

@@ -184,6 +184,8 @@ def test_deepspeed_floor_has_zero3_checkpointing_with_frozen_parameters():
     # Before DeepSpeed 0.19.3 (PR 8148), ZeRO-3 partitions a frozen parameter (the whole
     # 4-bit base) while non-reentrant checkpointing recomputes a layer, and the first backward
     # raises torch's CheckpointError (reproduced with 0.19.2 on 2026-12-07; 0.19.3 trains).
+    # swarm now checkpoints reentrantly (swarm/train/model.py), which 0.19.2 also trains; the
+    # floor stays so that a return to non-reentrant checkpointing cannot meet that crash.
     allowed = dependencies()["deepspeed"].specifier
     assert not allowed.contains("0.19.2") and allowed.contains("0.19.3")
 
@@ -273,7 +275,8 @@ def test_image_python_and_cuda_are_pinned_and_allowed():
 
 def test_image_installs_pyproject_dependencies_and_checks_its_ops():
     runs = " ".join(rest for word, rest in dockerfile_instructions() if word == "RUN")
-    assert "['project']['dependencies']" in runs  # the dependency list is read, not copied
+    # The dependency list and the gguf extra are read, not copied.
+    assert "project['dependencies'] + project['optional-dependencies']['gguf']" in runs
     for op in ("DS_BUILD_CPU_ADAM=1", "DS_BUILD_AIO=1", "DS_BUILD_FUSED_ADAM=1", "DS_ACCELERATOR=cuda"):
         assert op in runs
     assert "'cpu_adam', 'async_io', 'fused_adam'" in runs  # the build fails if an op was skipped
@@ -283,6 +286,28 @@ def test_image_installs_pyproject_dependencies_and_checks_its_ops():
     assert ("CMD", '["swarm", "agent"]') in instructions
     (health,) = [rest for word, rest in instructions if word == "HEALTHCHECK"]
     assert health.endswith('CMD ["swarm", "agent", "--health"]')
+
+
+def test_image_builds_llama_cpp_for_every_cpu_and_checks_it():
+    """llama.cpp's native code is built portable, never taken from pip's cache, and checked in the image."""
+    from swarm.export.llama_build import PORTABLE_CMAKE_ARGS
+
+    runs = [rest for word, rest in dockerfile_instructions() if word == "RUN"]
+    builds = [argv for rest in runs for argv in shell_commands(rest) if "wheel" in argv and "--no-binary" in argv
+              and argv[argv.index("--no-binary") + 1] == "llama-cpp-python"]
+    (build,) = builds
+    pip = next(i for i, arg in enumerate(build) if Path(arg).name == "pip")
+    assert build[:pip] == [f"CMAKE_ARGS={PORTABLE_CMAKE_ARGS}"]  # the portable flags, and nothing else set
+    assert "--no-cache-dir" in build and "--no-deps" in build
+    # The pin is the gguf extra's, read from pyproject.toml, not written here.
+    assert "['optional-dependencies']['gguf'] if r.startswith('llama-cpp-python')" in " ".join(runs)
+    # The node installs that wheel only (no build of its own), with OpenMP's runtime beside it,
+    # and refuses to finish when the installed build is not the portable one.
+    installs = [argv for argv in pip_commands() if argv[1] == "install" and "--only-binary" in argv]
+    assert any("llama-cpp-python" in argv[argv.index("--only-binary") + 1].split(",") for argv in installs)
+    assert "libgomp1" in " ".join(runs)
+    last = shell_commands(runs[-1])
+    assert last[-1] == ["python", "-m", "swarm.export.llama_build"] and ["pip", "check"] in last
 
 
 def ignored(path: str, patterns: list[str]) -> bool:
