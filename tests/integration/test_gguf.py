@@ -1,14 +1,19 @@
 """GGUF export: a run trained for real, exported with llama.cpp's own tools, run in llama.cpp.
 
-llama.cpp runs through llama-cpp-python (the `gguf` extra); its converters come from the same
-release's source (tests/run.sh fetches them with `python -m swarm.export.llama_cpp`).
+llama.cpp runs through llama-cpp-python (the `gguf` extra), in child processes (llamakit): a
+crash in its native code fails one test with the signal's name instead of ending the suite.
+Its converters come from the same release's source (tests/run.sh fetches them with
+`python -m swarm.export.llama_cpp`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,11 +26,12 @@ from swarm.cli import main
 from swarm.export import export_run
 from swarm.export.card import front_matter
 from swarm.export.gguf_card import human_size
+from llamakit import CRASH_SWITCH, llama_greedy, llama_logits, llama_tokenize
 from swarm.tiny import make_tiny_model
 from trainkit import DEMO_TEXT, run_dir_of, swarm, write_job
 
 pytestmark = pytest.mark.integration
-llama_cpp = pytest.importorskip("llama_cpp", reason="GGUF tests need the gguf extra: pip install -e '.[gguf]'")
+pytest.importorskip("llama_cpp", reason="GGUF tests need the gguf extra (docs/export.md: the portable build)")
 
 PROMPT = "The keeper climbed the stairs and lit the lamp"
 # llama.cpp (f16 weights, its own kernels) against transformers (fp32): the largest difference
@@ -33,17 +39,6 @@ PROMPT = "The keeper climbed the stairs and lit the lamp"
 # adapter moves the logits by far more (checked below), so a GGUF without it cannot pass.
 TOLERANCE = 0.01
 FILE_TYPES = {"f16": 1, "q8_0": 7, "q4_k_m": 15}  # llama.cpp's llama_ftype, in general.file_type
-
-
-def llama_logits(path: Path, ids: list[int], lora: Path | None = None) -> np.ndarray:
-    """llama.cpp's logits for every position of ``ids``."""
-    kwargs = {"lora_path": str(lora)} if lora else {}
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False, **kwargs)
-    try:
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
 
 
 def hf_logits(model, ids: list[int]) -> np.ndarray:
@@ -99,12 +94,11 @@ def test_f16_gguf_gives_the_merged_models_logits(trained, exported):
     chat = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Who lit the lamp?"}, {"role": "assistant", "content": PROMPT}], tokenize=False,
     )
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, verbose=False, vocab_only=True)
-    try:
-        assert llm.tokenize(PROMPT.encode()) == trained.ids
-        assert llm.tokenize(chat.encode(), special=True) == tokenizer(chat).input_ids
-    finally:
-        llm.close()
+    assert llama_tokenize(gguf, PROMPT) == trained.ids
+    assert llama_tokenize(gguf, chat, special=True) == tokenizer(chat).input_ids
+    # Greedy decoding goes on from the merged model's own choice.
+    greedy = llama_greedy(gguf, trained.ids, 4)
+    assert len(greedy) == 4 and greedy[0] == int(np.argmax(merged[-1]))
 
 
 @pytest.mark.parametrize("gguf_type", ["q8_0", "q4_k_m"])
@@ -112,16 +106,12 @@ def test_quantized_ggufs_generate(trained, exported, gguf_type):
     path = exported.gguf / f"tiny-gguf-{gguf_type.upper()}.gguf"
     assert file_type(path) == FILE_TYPES[gguf_type]
     assert path.stat().st_size < (exported.gguf / "tiny-gguf-F16.gguf").stat().st_size
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, verbose=False, seed=0)
-    try:
-        out = llm.create_completion(PROMPT, max_tokens=8, temperature=0.0)
-    finally:
-        llm.close()
-    assert out["usage"]["completion_tokens"] > 0 and out["choices"][0]["text"]
-    # A quantized model still computes roughly what the merged model does.
+    # A quantized model still computes roughly what the merged model does, and generates from it.
     f16 = llama_logits(exported.gguf / "tiny-gguf-F16.gguf", trained.ids)
     quant = llama_logits(path, trained.ids)
     assert np.corrcoef(f16.ravel(), quant.ravel())[0, 1] > 0.9
+    tokens = llama_greedy(path, trained.ids, 8)
+    assert len(tokens) == 8 and tokens[0] == int(np.argmax(quant[-1])) and max(tokens) < quant.shape[1]
 
 
 def test_gguf_adapter_on_the_base_gguf_changes_logits_as_the_merge_does(trained, exported, tmp_path):
@@ -166,11 +156,9 @@ def test_modelfile_and_card(trained, exported):
     assert "<|im_start|>{{ .Role }}" in template and "{{ .Content }}<|im_end|>" in template
     stops = re.findall(r'^PARAMETER stop "(.*)"$', modelfile, re.M)
     assert stops == ["<|im_start|>", "<|im_end|>", "</s>"]
-    llm = llama_cpp.Llama(model_path=str(exported.gguf / "tiny-gguf-F16.gguf"), n_ctx=64, verbose=False, vocab_only=True)
-    try:  # each stop is one token of the model's vocabulary, so generation can end on it
-        assert all(len(llm.tokenize(s.encode(), add_bos=False, special=True)) == 1 for s in stops)
-    finally:
-        llm.close()
+    # Each stop is one token of the model's vocabulary, so generation can end on it.
+    f16 = exported.gguf / "tiny-gguf-F16.gguf"
+    assert all(len(llama_tokenize(f16, s, special=True, add_bos=False)) == 1 for s in stops)
 
     readme = (exported.gguf / "README.md").read_text()
     meta = front_matter(readme)
@@ -239,3 +227,37 @@ def test_other_architectures_convert(arch, tmp_path):
     ids = AutoTokenizer.from_pretrained(model)(PROMPT).input_ids
     expected = hf_logits(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval(), ids)
     assert np.abs(llama_logits(gguf, ids) - expected).max() < TOLERANCE * np.abs(expected).max()
+
+
+CRASH_MESSAGE = ("llama.cpp died with SIGSEGV evaluating tiny-gguf-F16.gguf: a native build for another CPU? "
+                 "check with `python -m swarm.export.llama_build`; see docs/export.md")
+
+
+def test_a_crash_in_llama_cpp_fails_with_its_signal(trained, exported, monkeypatch):
+    """The child segfaults (a real one, in native code) after loading the model: one clear AssertionError."""
+    monkeypatch.setenv(CRASH_SWITCH, "1")
+    with pytest.raises(AssertionError) as crash:
+        llama_logits(exported.gguf / "tiny-gguf-F16.gguf", trained.ids)
+    assert str(crash.value) == CRASH_MESSAGE
+    monkeypatch.delenv(CRASH_SWITCH)
+    assert llama_logits(exported.gguf / "tiny-gguf-F16.gguf", trained.ids).shape[0] == len(trained.ids)
+    with pytest.raises(AssertionError, match=r"llama.cpp failed \(tokenize\) on .*missing.gguf: .*"):
+        llama_tokenize(exported.gguf / "missing.gguf", PROMPT)
+
+
+def test_a_suite_goes_on_after_a_crash_in_llama_cpp(trained, exported, tmp_path):
+    """In a pytest run of its own: the test whose llama.cpp crashes fails with the message, the next one runs."""
+    (tmp_path / "test_crash.py").write_text(
+        "import os\nfrom llamakit import llama_logits\n\n"
+        "def test_crashes():\n    os.environ['SWARM_TEST_LLAMA_CRASH'] = '1'\n"
+        "    llama_logits(os.environ['GGUF'], [1, 2, 3])\n\n"
+        "def test_runs_after():\n    os.environ.pop('SWARM_TEST_LLAMA_CRASH')\n"
+        "    assert llama_logits(os.environ['GGUF'], [1, 2, 3]).shape[0] == 3\n"
+    )
+    env = {**os.environ, "GGUF": str(exported.gguf / "tiny-gguf-F16.gguf"),
+           "PYTHONPATH": str(Path(__file__).parent)}
+    env.pop(CRASH_SWITCH, None)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_crash.py"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr  # tests failed; not killed by a signal (negative)
+    assert "1 failed, 1 passed" in run.stdout and f"AssertionError: {CRASH_MESSAGE}" in run.stdout, run.stdout
