@@ -8,7 +8,7 @@ from swarm.errors import UserError
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "merge",
-        help="combine the adapters of several runs on one base (linear, TIES, DARE-TIES, SVD, ...) into one",
+        help="combine the adapters of several runs on one base (exactly, or TIES, DARE-TIES, SVD, ...) into one",
         description="Combine the LoRA adapters of SOURCE folders (runs written by `swarm train`, or earlier "
         "merges) with peft's add_weighted_adapter, and write one adapter folder with a model card naming its "
         "sources and method. The base's weights are not needed. `swarm export OUT --merge --gguf` then folds "
@@ -16,10 +16,11 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="run folders or `swarm merge` folders (two or more)")
     p.add_argument(
-        "--method", default="linear", choices=["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"],
-        help="linear (default): weighted sum of the A and B matrices, equal ranks; cat: exact weighted sum of the "
-        "updates at the sum of the ranks; svd: weighted sum of the updates cut to --rank; ties, dare_linear, "
-        "dare_ties: pruned with --density, equal ranks",
+        "--method", default="cat", choices=["cat", "linear", "svd", "ties", "dare_linear", "dare_ties"],
+        help="cat (default): exactly the weighted sum of the adapters' updates, at the sum of their ranks; "
+        "linear: weighted sums of the A and of the B matrices, equal ranks, approximate (adds each adapter's A "
+        "times another's B); svd: weighted sum of the updates cut to --rank; ties, dare_linear, dare_ties: "
+        "pruned with --density, equal ranks",
     )
     p.add_argument(
         "--weights", metavar="W,W,...",

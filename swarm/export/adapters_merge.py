@@ -28,7 +28,12 @@ from swarm.export.run import ADAPTER_FILES, load_run
 
 RECORD = "swarm-merge.json"
 # peft's combination types offered, and whether each one prunes (needs a density).
-METHODS = {"linear": False, "cat": False, "svd": False, "ties": True, "dare_linear": True, "dare_ties": True}
+METHODS = {"cat": False, "linear": False, "svd": False, "ties": True, "dare_linear": True, "dare_ties": True}
+# The default is the exact one: cat's update is sum_i w_i s_i B_i A_i. linear sums the A and the B
+# matrices separately, so its product also holds every B_i A_j of two different adapters (cross
+# terms as large as the updates themselves for adapters trained apart); it is smaller (equal
+# ranks), which is no reason to be wrong by default.
+DEFAULT_METHOD = "cat"
 EQUAL_RANKS = ("linear", "ties", "dare_linear", "dare_ties")  # peft stacks the A and B matrices as they are
 
 
@@ -152,7 +157,7 @@ def merge_adapters(
     folders: list[str | Path],
     out: str | Path | None = None,
     *,
-    method: str = "linear",
+    method: str = DEFAULT_METHOD,
     weights: list[float] | None = None,
     density: float | None = None,
     svd_rank: int | None = None,
@@ -165,7 +170,7 @@ def merge_adapters(
         folders: run folders or ``swarm merge`` folders, all trained on one base.
         out: the folder to write; default ``{base}-{method}-merge-r{rank}-{yyyymmdd}`` in the
             current folder. Its name must follow the naming rules.
-        method: peft's combination type: linear, cat, svd, ties, dare_linear, dare_ties.
+        method: peft's combination type: cat (the default: exact), linear, svd, ties, dare_linear, dare_ties.
         weights: one weight per adapter; default 1 each (the sum of their updates).
         density: the fraction of weights each adapter keeps, for ties and the dare methods.
         svd_rank: the merged rank for svd; default the largest source rank.
@@ -254,6 +259,9 @@ def _combine(sources, config_dir: Path, dest: Path, method, weights, density, sv
     config_file = dest / "adapter_config.json"
     saved = json.loads(config_file.read_text())
     saved["base_model_name_or_path"] = sources[0].base["path"]
+    # peft folds each source's scaling into the merged matrices and gives the result lora_alpha = r,
+    # a scaling of 1, but keeps the first source's use_rslora, which would scale it by sqrt(r) again.
+    saved["use_rslora"] = False
     config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
@@ -284,4 +292,4 @@ def record_of(folder: Path) -> dict:
     return json.loads((Path(folder) / RECORD).read_text())
 
 
-__all__ = ["METHODS", "MergeSource", "check_sources", "merge_adapters", "read_source", "record_of"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "MergeSource", "check_sources", "merge_adapters", "read_source", "record_of"]

@@ -15,7 +15,8 @@ from swarm.export.gguf_card import files_section, running_section
 
 _MISSING = "not recorded"
 _METHOD_NOTES = {
-    "linear": "a weighted sum of the adapters' A and B matrices (each scaled by the square root of its weight)",
+    "linear": "weighted sums of the adapters' A matrices and of their B matrices (each scaled by the square "
+              "root of its weight): approximate, the product also holds each adapter's A times another's B",
     "cat": "the adapters' matrices side by side: exactly the weighted sum of their updates, at the sum of their ranks",
     "svd": "the weighted sum of the adapters' full updates, cut back to a low rank by a singular value decomposition",
     "ties": "TIES: each adapter trimmed to its largest weights, signs elected by majority, agreeing values averaged",

@@ -37,6 +37,8 @@ def runs(tmp_path_factory):
         b=make_lora_run(root / "runs", "run-b", base, seed=2),
         low_rank=make_lora_run(root / "runs", "run-r4", base, seed=3, r=4),
         elsewhere=make_lora_run(root / "runs", "run-other-base", other_base, seed=4),
+        rs_a=make_lora_run(root / "runs", "run-rs-a", base, seed=5, rslora=True),
+        rs_b=make_lora_run(root / "runs", "run-rs-b", base, seed=6, r=4, rslora=True),
     )
 
 
@@ -98,7 +100,7 @@ def test_each_method_gives_peft_own_result(runs, tmp_path, method, capsys):
          "method ties needs adapters of equal rank (run-a r=8, run-r4 r=4); use svd or cat for unequal ranks"),
         (["{a}", "{elsewhere}"], "run-a and run-other-base were trained on different bases"),
         (["{a}", "{b}", "--method", "dare_ties"], "method dare_ties needs --density"),
-        (["{a}", "{b}", "--density", "0.5"], "--density applies to ties, dare_linear and dare_ties, not to linear"),
+        (["{a}", "{b}", "--density", "0.5"], "--density applies to ties, dare_linear and dare_ties, not to cat"),
         (["{a}", "{b}", "--weights", "1"], "--weights gives 1 weight(s) for 2 adapters"),
         (["{a}", "{b}", "--weights", "a,b"], "is not a list of numbers"),
         (["{a}"], "needs at least two adapters"),
@@ -113,6 +115,45 @@ def test_refusals_are_one_line(runs, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def updates(adapter: Path) -> dict[str, torch.Tensor]:
+    """Each module's update scaling * B @ A, from an adapter's files (as peft applies it, not as peft merges)."""
+    import math
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert not config.get("rank_pattern") and not config.get("alpha_pattern")  # one scaling for all modules
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    return {key.removesuffix(".lora_A.weight"): scaling * tensors[key.replace("lora_A", "lora_B")] @ tensors[key]
+            for key in tensors if key.endswith(".lora_A.weight")}
+
+
+def relative_error(got: dict, want: dict) -> float:
+    """The largest difference of an update over the largest value of the expected update, across modules."""
+    assert set(got) == set(want) and len(want) == 14
+    return max(((got[k] - want[k]).abs().max() / want[k].abs().max()).item() for k in want)
+
+
+@pytest.mark.parametrize("pair", [("a", "b"), ("rs_a", "rs_b")], ids=["lora", "rslora-unequal-ranks"])
+def test_the_default_merge_is_the_weighted_sum_of_the_updates(runs, tmp_path, capsys, pair):
+    """`swarm merge` without --method: the merged adapter's update is w1 dW1 + w2 dW2, module by module."""
+    first, second = (getattr(runs, name) for name in pair)
+    out = tmp_path / "mix"
+    assert main(["merge", str(first), str(second), "--weights", "0.7,0.3", "--out", str(out)]) == 0
+    assert json.loads((out / "swarm-merge.json").read_text())["method"] == "cat"
+    want = {k: 0.7 * v + 0.3 * updates(second / "adapter")[k] for k, v in updates(first / "adapter").items()}
+    error = relative_error(updates(out), want)
+    assert error < 1e-5, error
+    if pair == ("a", "b"):  # linear (equal ranks only) adds each adapter's A times the other's B
+        assert main(["merge", str(first), str(second), "--weights", "0.7,0.3", "--method", "linear",
+                     "--out", str(tmp_path / "linear")]) == 0
+        linear = relative_error(updates(tmp_path / "linear"), want)
+        assert linear > 0.1, linear
+        with capsys.disabled():
+            print(f"\nmerged update against 0.7 dW_a + 0.3 dW_b (largest error / largest value): cat {error:.1e}, "
+                  f"linear {linear:.2f}")
 
 
 def test_unequal_ranks_merge_with_cat_and_export_folds_them(runs, tmp_path):
