@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from swarm.export.llama_build import install_command
+
 if TYPE_CHECKING:
     from swarm.export.gguf import GgufFile
 
@@ -35,7 +37,9 @@ def running_section(files: list["GgufFile"], base_ref: str, has_modelfile: bool)
     if models:
         first = models[0].path.name
         parts.append(f"With llama.cpp: `llama-cli -m {first} -cnv`; with llama-cpp-python: "
-                     f"`Llama(model_path=\"{first}\")`.")
+                     f"`Llama(model_path=\"{first}\")`, installed built for every CPU with "
+                     f"`{install_command('llama-cpp-python')}` (pip's own build targets the CPU that builds it, and one "
+                     "made on an Intel Xeon with AMX crashed on quantized GGUFs there).")
         if has_modelfile:
             parts.append(f"With Ollama, from this folder (the Modelfile uses `{first}`; change its FROM line "
                          "for another file): `ollama create my-model -f Modelfile && ollama run my-model`.")

@@ -56,9 +56,8 @@ class Verdict:
     reason: str
 
 
-def install_command(version: str | None = None, *, force: bool = False) -> str:
-    """The pip line that installs the portable build, bypassing pip's wheel cache."""
-    spec = f"{PACKAGE}=={version}" if version else "'swarm-train[gguf]'"
+def install_command(spec: str = "'swarm-train[gguf]'", *, force: bool = False) -> str:
+    """The pip line that installs ``spec`` with the portable build, bypassing pip's wheel cache."""
     extra = " --force-reinstall --no-deps" if force else ""
     return f'CMAKE_ARGS="{PORTABLE_CMAKE_ARGS}" pip install --no-cache-dir{extra} {spec}'
 
@@ -170,7 +169,7 @@ def main() -> int:
         print(f"llama.cpp build: {PACKAGE} {version} is {verdict.reason}")
         return 0
     print(f"llama.cpp build: {PACKAGE} {version} is not portable: {verdict.reason}; "
-          f"rebuild with: {install_command(version, force=True)}")
+          f"rebuild with: {install_command(f'{PACKAGE}=={version}', force=True)}")
     return 1
 
 

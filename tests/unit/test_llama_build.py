@@ -104,7 +104,7 @@ def test_not_installed_is_one_line_with_exit_2(monkeypatch, capsys):
 def test_every_install_line_asks_for_the_portable_build_without_the_cache():
     command = install_command()
     assert command == """CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir 'swarm-train[gguf]'"""
-    assert install_command("0.3.36", force=True).endswith("--no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36")
+    assert install_command("llama-cpp-python==0.3.36", force=True).endswith("--no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36")
     from swarm.export.llama_cpp import INSTALL_HINT
 
     assert command in INSTALL_HINT
@@ -132,3 +132,13 @@ def test_export_help_gives_the_portable_install_line(capsys):
         main(["export", "--help"])
     # argparse wraps lines at spaces and hyphens: compare without the whitespace.
     assert install_command().replace(" ", "") in "".join(capsys.readouterr().out.split())
+
+
+def test_the_gguf_model_card_installs_llama_cpp_python_portable():
+    from swarm.export.gguf import GgufFile
+    from swarm.export.gguf_card import running_section
+
+    text = running_section([GgufFile(Path("out/m-Q4_K_M.gguf"), "q4_k_m", 1000, 0.1, False)], "org/base", True)
+    assert """`Llama(model_path="m-Q4_K_M.gguf")`, installed built for every CPU with """ in text
+    assert f"`{install_command('llama-cpp-python')}`" in text
+    assert """CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --no-cache-dir llama-cpp-python""" in text
