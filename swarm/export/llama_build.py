@@ -92,7 +92,10 @@ def judge(features: set[str] | None, options: dict[str, str] | None) -> Verdict:
     if features is None and options is None:
         return Verdict(False, "neither ggml-config.cmake nor llama_print_system_info() says what it was built for")
     options = options or {}
-    on = lambda name: options.get(name, "").upper() in ("ON", "1", "TRUE", "YES")  # noqa: E731 - CMake's true values
+
+    def on(name: str) -> bool:
+        return options.get(name, "").upper() in ("ON", "1", "TRUE", "YES")  # CMake's spellings of true
+
     extra = sorted((features or set()) & BEYOND_BASELINE)
     switched = [name for name in BEYOND_OPTIONS if on(name)]
     shown = " ".join(sorted(f for f in (features or set()) if f in BASELINE | BEYOND_BASELINE)) or "none reported"
