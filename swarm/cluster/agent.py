@@ -107,15 +107,18 @@ class AgentService:
     def _ray_env(self, request: pb.StartRayRequest, settings: RayNodeSettings) -> dict[str, str]:
         """The node's variables: the derived token and the certificate the head sent."""
         events = settings.role == builders.HEAD  # see builders.ray_events_env
+        # Ray's processes inherit the agent's proxy settings, but never for the swarm's hosts.
+        no_proxy = builders.no_proxy_env(os.environ, [settings.head_address, settings.node_ip])
         if self.secret is None:
-            return builders.ray_node_env(None, settings.interface, None, settings.metrics, events)
+            return {**builders.ray_node_env(None, settings.interface, None, settings.metrics, events), **no_proxy}
         if not request.node_certificate:
             raise AgentError("the head sent no node certificate (it runs an older swarm); install the same swarm on every PC")
         try:
             files = tls.install_node_certificate(request.node_certificate, request.ca_certificate, settings.node_ip)
         except UserError as exc:
             raise AgentError(f"{socket.gethostname()}: {exc}", grpc.StatusCode.PERMISSION_DENIED) from None
-        return builders.ray_node_env(keys.ray_token(self.secret), settings.interface, files, settings.metrics, events)
+        return {**builders.ray_node_env(keys.ray_token(self.secret), settings.interface, files, settings.metrics, events),
+                **no_proxy}
 
     def issue_certificate(self, request: pb.IssueCertificateRequest) -> pb.IssueCertificateReply:
         """A node certificate from this PC's CA (the head's) for a PC that joins without agent."""

@@ -216,6 +216,19 @@ def ray_events_env(events: bool) -> dict[str, str]:
     return {} if events else {"RAY_event_log_reporter_enabled": "0"}
 
 
+def no_proxy_env(environ: Mapping[str, str], hosts: Sequence[str] = ()) -> dict[str, str]:
+    """``no_proxy`` / ``NO_PROXY``: what ``environ`` had, plus loopback and the swarm's ``hosts``.
+
+    Ray's Python parts call its dashboard over HTTP with the token in a header (the state API
+    of a driver, the dashboard's own checks) through ``requests``, which sends everything to
+    ``http_proxy`` unless ``no_proxy`` names the host; a proxy that the PC's user set for the
+    web would then receive the token in clear. Other destinations keep the user's proxy.
+    """
+    have = [h.strip() for h in (environ.get("no_proxy") or environ.get("NO_PROXY") or "").split(",") if h.strip()]
+    merged = ",".join(dict.fromkeys([*have, "127.0.0.1", "localhost", "::1", *hosts]))
+    return {"no_proxy": merged, "NO_PROXY": merged}
+
+
 def child_env(base: Mapping[str, str], overlay: Mapping[str, str]) -> dict[str, str]:
     """``base`` without inherited Ray auth/address variables, then ``overlay`` on top."""
     env = {k: v for k, v in base.items() if k not in _SCRUBBED_ENV}

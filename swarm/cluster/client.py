@@ -3,6 +3,7 @@ environment."""
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import threading
@@ -10,7 +11,7 @@ import threading
 import grpc
 
 from swarm.cluster import auth, keys, tls
-from swarm.cluster.builders import ray_auth_env, ray_tls_env
+from swarm.cluster.builders import no_proxy_env, ray_auth_env, ray_tls_env
 from swarm.cluster.constants import AGENT_PORT
 from swarm.cluster.messages import method_path
 from swarm.cluster.proto import agent_pb2 as pb
@@ -23,7 +24,9 @@ def ray_client_env(secret: str | None, files: tls.TlsFiles | None = None) -> dic
     Set them before ``import ray`` (Ray reads them when its core starts): Ray's token
     (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN``, derived from the secret) and its TLS files
     (``RAY_USE_TLS=1`` and this PC's node certificate, key and CA certificate), or
-    ``RAY_AUTH_MODE=disabled`` alone for a swarm started with ``--insecure`` (``secret=None``).
+    ``RAY_AUTH_MODE=disabled`` alone for a swarm started with ``--insecure`` (``secret=None``);
+    and ``no_proxy`` with loopback added, so that Ray's HTTP calls to the dashboard (its state
+    API sends the token) never go to a web proxy.
 
     Args:
         secret: the cluster secret, or ``None``.
@@ -33,8 +36,9 @@ def ray_client_env(secret: str | None, files: tls.TlsFiles | None = None) -> dic
         UserError: this PC has no node certificate (it is not a node of the swarm).
     """
     if secret is None:
-        return ray_auth_env(None)
-    return {**ray_auth_env(keys.ray_token(secret)), **ray_tls_env(files or tls.installed_node_files())}
+        return {**ray_auth_env(None), **no_proxy_env(os.environ)}
+    return {**ray_auth_env(keys.ray_token(secret)), **ray_tls_env(files or tls.installed_node_files()),
+            **no_proxy_env(os.environ)}
 
 
 def agent_address(text: str) -> str:

@@ -10,7 +10,7 @@ import pytest
 from swarm.cluster import constants as C
 from swarm.cluster.builders import (
     HEAD, WORKER, RayNodeSettings, child_env, choose_interface, dashboard_url, default_object_store_bytes,
-    gcs_address, ray_node_env, ray_start_argv, version_mismatches, worker_slots,
+    gcs_address, no_proxy_env, ray_node_env, ray_start_argv, version_mismatches, worker_slots,
 )
 from swarm.cluster.tls import TlsFiles
 
@@ -197,3 +197,25 @@ def test_addresses():
     assert dashboard_url("127.0.0.1", "198.18.0.1") == "http://127.0.0.1:8265"
     assert dashboard_url("0.0.0.0", "198.18.0.1") == "http://198.18.0.1:8265"
     assert dashboard_url("198.18.0.1", "198.18.0.1") == "http://198.18.0.1:8265"
+
+
+def test_no_proxy_keeps_the_users_entries_and_adds_loopback_and_the_swarm():
+    """Ray's state API sends the token to the dashboard through `requests`, which honours
+    http_proxy unless no_proxy names the host (issue 32)."""
+    env = no_proxy_env({"NO_PROXY": "intranet.example, 10.0.0.0/8"}, ["198.18.0.1", "198.18.0.2"])
+    assert env["no_proxy"] == env["NO_PROXY"] == "intranet.example,10.0.0.0/8,127.0.0.1,localhost,::1,198.18.0.1,198.18.0.2"
+    assert no_proxy_env({}, ["198.18.0.1", "127.0.0.1"])["no_proxy"] == "127.0.0.1,localhost,::1,198.18.0.1"
+
+
+def test_a_client_behind_a_proxy_calls_loopback_directly(monkeypatch):
+    import urllib.request
+
+    from swarm.cluster.client import ray_client_env
+
+    monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    env = ray_client_env(None)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert urllib.request.proxy_bypass("127.0.0.1")  # what requests and urllib ask before using a proxy
