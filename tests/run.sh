@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 
 # Debian packages: libaio for DeepSpeed's NVMe offload, iproute2 for the network-namespace
 # hosts, chromium + driver for the dashboard browser test, ninja/g++ for DeepSpeed's ops (and
-# cmake for llama-cpp-python's build), systemd for `systemd-analyze verify` of the agent's unit file.
-packages=(libaio-dev iproute2 chromium chromium-driver g++ ninja-build cmake systemd)
+# cmake for llama-cpp-python's build), systemd for `systemd-analyze verify` of the agent's unit
+# file, nftables for `swarm firewall` (the lab applies it on its PCs).
+packages=(libaio-dev iproute2 chromium chromium-driver g++ ninja-build cmake systemd nftables)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -14,7 +14,8 @@ from swarm.cli.args import OneLineParser
 from swarm.errors import UserError
 
 # Verb modules, each with ``add_parser(subparsers)`` and ``run(args) -> int``.
-VERBS = ("init", "agent", "up", "join", "status", "down", "token", "firewall", "plan", "train", "export", "merge", "tiny_model")
+VERBS = ("init", "agent", "up", "join", "status", "down", "token", "firewall", "plan", "train", "export", "merge",
+         "tiny_model", "from_gguf")
 
 
 def build_parser() -> argparse.ArgumentParser:
