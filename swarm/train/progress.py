@@ -35,13 +35,17 @@ class ProgressDisplay:
         self._progress: Progress | None = None
         self._task = None
         self._last_plain = 0.0
+        self._plain_step = -1  # the step of the last status line printed without a terminal
+        self._held: str | None = None  # the last step's status line, printed by flush()
 
     def line(self, text: str) -> None:
         """A line that may be long (a URL, a path): printed whole, never cut."""
+        self.flush()
         self.console.print(text, soft_wrap=True)
 
     def note(self, text: str) -> None:
         """A line above the progress bar (or on stderr without a terminal)."""
+        self.flush()
         if self._progress is not None:
             self._progress.console.print(text, soft_wrap=True)
         else:
@@ -67,15 +71,31 @@ class ProgressDisplay:
             self._progress.update(self._task, completed=step)
 
     def show(self, step: int, status: str) -> None:
-        """Step ``step`` is done; ``status`` is its figures (``status_text``)."""
+        """Step ``step`` is done; ``status`` is its figures (``status_text``).
+
+        A step shown again (its eval arrived after it) redraws the bar. Without a terminal
+        the last step's line waits for the next line or ``close`` so that it carries that
+        eval, and a line already printed is not printed twice.
+        """
         if self._progress is not None:
             self._progress.update(self._task, completed=step, status=status)
             return
+        text = f"step {step}/{self.max_steps}  {status}"
+        if step == self.max_steps:
+            self._held = text
+            return
         now = time.monotonic()
-        if now - self._last_plain >= PLAIN_LINE_INTERVAL_S or step == self.max_steps:
-            self._last_plain = now
-            print(f"step {step}/{self.max_steps}  {status}", file=sys.stderr, flush=True)
+        if now - self._last_plain >= PLAIN_LINE_INTERVAL_S and step != self._plain_step:
+            self._last_plain, self._plain_step = now, step
+            print(text, file=sys.stderr, flush=True)
+
+    def flush(self) -> None:
+        """Print the held last-step line (without a terminal), if any."""
+        if self._held is not None:
+            text, self._held = self._held, None
+            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        self.flush()
         if self._progress is not None:
             self._progress.stop()

@@ -141,6 +141,10 @@ class RunRecorder:
     def _on_eval(self, message: dict) -> None:
         self.last_eval = message["eval_loss"]
         self._write_metrics(message)
+        if self.last_step.get("step") == message["step"]:
+            # A worker sends a step's eval after the step: its line is drawn again with it
+            # (the last step's line once showed the eval before the final one).
+            self.display.show(message["step"], status_text(self.last_step, self.last_eval))
 
     def _on_checkpoint(self, message: dict) -> None:
         from swarm.train.checkpoint import write_checkpoint

@@ -41,6 +41,9 @@ def test_full_path_trains_and_records_the_run(reference):
     assert any("eval_loss" in r for r in rows)
     summary = json.loads((run_dir / "run.json").read_text())
     assert summary["steps"] == 16 and summary["world_size"] == 1 and summary["precision"] == "fp32"
+    # The last status line shows the final eval (step 16's, sent after its step), not step 8's.
+    last_lines = [line for line in result.stderr.splitlines() if line.startswith("step 16/16")]
+    assert len(last_lines) == 1 and f"eval {summary['eval_loss']:.4f}" in last_lines[0], result.stderr[-2000:]
     strategy = summary["strategy"]
     assert strategy.pop("reason").startswith("one worker; the job's offload settings need sharded base, ZeRO-3")
     assert strategy == {"name": "shard", "variant": "shard-params-cpu-opt-cpu", "zero_stage": 3,
