@@ -7,6 +7,7 @@ Settings that only say how long or how loudly to train (``max_steps``, ``log_eve
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,10 @@ REASONS = {
     "lora.r": "the checkpoint's adapter has another shape",
     "lora.targets": "the checkpoint's adapter covers other layers",
     "lora.alpha": "the adapter's scale would change its meaning",
+    "lora.use_rslora": "the adapter's scale would change its meaning (alpha / sqrt(r) against alpha / r)",
+    # By the checkpoint's value: DoRA on then off drops weights, off then on has none to load.
+    "lora.use_dora": {True: "the checkpoint's DoRA magnitude weights would be dropped",
+                      False: "the checkpoint has no DoRA magnitude weights to continue from"},
     "data.files": "the data position refers to other data",
     "data.sha256": "the data files' content changed, so the data position is meaningless",
     "data.format": "the data would be tokenized differently",
@@ -36,6 +41,8 @@ REASONS = {
 
 # What checkpoints written before a key existed meant by its absence.
 BEFORE_THE_KEY = {"data.columns": {}, "data.isolate_examples": False}
+# Keys whose absence the checkpoint's adapter config answers (its peft LoraConfig field).
+FROM_ADAPTER_CONFIG = {"lora.use_rslora": "use_rslora", "lora.use_dora": "use_dora"}
 
 
 def fingerprint(job: JobConfig, data_sha256: str) -> dict[str, Any]:
@@ -46,6 +53,8 @@ def fingerprint(job: JobConfig, data_sha256: str) -> dict[str, Any]:
         "quantization": job.quantization.model_dump(mode="json"),
         "lora.r": job.lora.r,
         "lora.alpha": job.lora.alpha,
+        "lora.use_rslora": job.lora.use_rslora,
+        "lora.use_dora": job.lora.use_dora,
         "lora.targets": job.lora.targets,
         "data.files": job.data.model_dump(mode="json")["files"],
         "data.format": job.data.format,
@@ -58,13 +67,30 @@ def fingerprint(job: JobConfig, data_sha256: str) -> dict[str, Any]:
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], source: Path) -> None:
-    """Refuse, in one line, a job that changed something the checkpoint depends on."""
+    """Refuse, in one line, a job that changed something the checkpoint depends on.
+
+    Args:
+        saved: The checkpoint manifest's fingerprint.
+        current: ``fingerprint`` of the job resuming it.
+        source: The checkpoint folder (its adapter config fills keys older fingerprints lack).
+    """
+    saved = {**BEFORE_THE_KEY, **adapter_variants(source, saved), **saved}
     for key, reason in REASONS.items():
-        if saved.get(key, BEFORE_THE_KEY.get(key)) != current.get(key):
+        if saved.get(key) != current.get(key):
+            if isinstance(reason, dict):
+                reason = reason[saved.get(key)]
             raise UserError(
                 f"cannot resume from {source}: {key} changed from {saved.get(key)!r} to {current.get(key)!r} "
                 f"({reason}); change it back or start a new run without --resume"
             )
+
+
+def adapter_variants(source: Path, saved: dict[str, Any]) -> dict[str, Any]:
+    """rsLoRA and DoRA as the checkpoint's adapter config says, for fingerprints without them."""
+    if all(key in saved for key in FROM_ADAPTER_CONFIG):
+        return {}
+    config = json.loads((Path(source) / checkpoint.ADAPTER / "adapter_config.json").read_text())
+    return {key: bool(config.get(field, False)) for key, field in FROM_ADAPTER_CONFIG.items()}
 
 
 def find_run_dir(job: JobConfig, given: str | None) -> Path:

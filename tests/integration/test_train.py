@@ -213,14 +213,21 @@ def test_corrupt_checkpoint_is_reported_and_skipped(reference, tmp_path):
     assert "from step 12" in result.stderr
 
 
-def test_resume_refuses_a_changed_adapter_shape(reference, tmp_path):
+@pytest.mark.parametrize(("changes", "said"), [
+    (["lora.r=8"], "lora.r changed from 16 to 8"),
+    (["lora.use_rslora=true"], "lora.use_rslora changed from False to True"),
+    # DoRA with a 4-bit base trains without ZeRO-3 only: no parameter offload.
+    (["lora.use_dora=true", "offload.params=none"], "lora.use_dora changed from False to True"),
+], ids=["rank", "rslora", "dora"])
+def test_resume_refuses_a_changed_adapter(reference, tmp_path, changes, said):
     job_path, ref_dir, _ = reference
     copy = tmp_path / "runs" / ref_dir.name
     shutil.copytree(ref_dir, copy)
-    result = swarm("train", str(job_path), "--resume", str(copy), "--set", "lora.r=8", cwd=tmp_path)
-    assert result.returncode == 2
+    sets = [arg for change in changes for arg in ("--set", change)]
+    result = swarm("train", str(job_path), "--resume", str(copy), *sets, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot resume from")
-    assert "lora.r changed from 16 to 8" in result.stderr and "Traceback" not in result.stderr
+    assert said in result.stderr and "Traceback" not in result.stderr
 
 
 # Every architecture swarm names, with every offload mode it offers (the reference run above
