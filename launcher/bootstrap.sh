@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Make this Linux PC (or WSL2) a swarm node: check the prerequisites, install swarm with the
-# cluster's pinned versions into a virtual environment, and install the node agent as a
-# systemd user service. Safe to run again: steps already done are skipped, and a second run
-# that finds nothing to change says so.
+# Make this Linux PC (or WSL2) a swarm node: check the prerequisites, install the C++ compiler
+# and Python headers DeepSpeed builds its ops with (apt-get or dnf, as root or through sudo),
+# install swarm with the cluster's pinned versions into a virtual environment, and install
+# the node agent as a systemd user service. Safe to run again: steps already done are
+# skipped, and a second run that finds nothing to change says so.
 #
 #   launcher/bootstrap.sh                  # from a checkout of swarm, on every PC
 #   launcher/bootstrap.sh --help           # flags and environment variables
@@ -32,6 +33,9 @@ usage: bootstrap.sh [options]
   -h, --help         show this help
 
 $SWARM_HOME (default ~/.swarm) is the state folder that holds the cluster secret.
+A C++ compiler and the Python headers (DeepSpeed compiles its ops on every PC) are installed
+when missing: g++ and pythonX.Y-dev with apt-get, gcc-c++ and pythonX.Y-devel with dnf, as
+root or through sudo.
 Exit status: 0 when the PC is set up, 2 when a prerequisite is missing.
 EOF
 }
@@ -144,6 +148,45 @@ else
   hint=""
   [[ -z $TORCH_INDEX ]] && hint="; in an all-CPU swarm, --torch-index https://download.pytorch.org/whl/cpu on every PC skips the multi-GB CUDA build of torch"
   warn "no NVIDIA driver found (nvidia-smi); this PC joins as a CPU-only node$hint"
+fi
+
+# Build tools: DeepSpeed compiles its CPU Adam, AIO and CPU collective ops on every PC (torch's
+# cpp_extension runs $CXX, else c++, and includes Python.h); installed as root or through sudo.
+PY_MINOR=${PY_VERSION%.*}
+PY_INCLUDE=$("$PYTHON_PATH" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null) || PY_INCLUDE=
+if command -v apt-get >/dev/null 2>&1; then
+  PKG_TOOL=apt-get CXX_PKG=g++ PY_DEV_PKG=python$PY_MINOR-dev
+elif command -v dnf >/dev/null 2>&1; then
+  PKG_TOOL=dnf CXX_PKG=gcc-c++ PY_DEV_PKG=python$PY_MINOR-devel
+else
+  PKG_TOOL= CXX_PKG="a C++ compiler" PY_DEV_PKG="the Python $PY_MINOR headers"
+fi
+build_needs() {  # what is missing, as this distribution's packages, one a line
+  command -v "${CXX:-c++}" >/dev/null 2>&1 || printf '%s\n' "$CXX_PKG"
+  [[ -n $PY_INCLUDE && -f $PY_INCLUDE/Python.h ]] || printf '%s\n' "$PY_DEV_PKG"
+}
+mapfile -t needs < <(build_needs)
+if ((${#needs[@]} == 0)); then
+  ok "C++ compiler ($(command -v "${CXX:-c++}")) and Python $PY_MINOR headers, for DeepSpeed's ops"
+else
+  why="DeepSpeed compiles its CPU Adam and AIO ops on every PC"
+  missing=$(printf '%s, ' "${needs[@]}")
+  [[ -n $PKG_TOOL ]] \
+    || die "missing: ${missing%, } ($why); install them with this system's package manager, then run this again"
+  as_root=()
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null 2>&1 && { [[ -t 0 ]] || sudo -n true 2>/dev/null; } \
+      || die "missing: ${missing%, } ($why); install them with 'sudo $PKG_TOOL install ${needs[*]}', then run this again"
+    as_root=(sudo)
+  fi
+  say "installing ${needs[*]} with $PKG_TOOL: $why"
+  install_build_tools() { "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive "$PKG_TOOL" install -y "${needs[@]}"; }
+  # A fresh Debian/Ubuntu may have no package lists yet: apt-get update, and once more.
+  install_build_tools || { [[ $PKG_TOOL == apt-get ]] && "${as_root[@]}" apt-get update && install_build_tools; } \
+    || die "$PKG_TOOL could not install ${needs[*]} (see above); install them, then run this again"
+  mapfile -t still < <(build_needs)
+  ((${#still[@]} == 0)) || die "${still[*]} still missing after '$PKG_TOOL install'; install it, then run this again"
+  changed "installed ${needs[*]} ($PKG_TOOL), for DeepSpeed's ops"
 fi
 
 # ---- what the venv should contain ------------------------------------------------------

@@ -135,6 +135,75 @@ def computes_bf16(flags: set[str]) -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
+# DeepSpeed's compiled ops that swarm loads (swarm.train.ops builds them), and what for.
+DEEPSPEED_OPS = {"cpu_adam": "optimizer offload", "async_io": "NVMe offload",
+                 "deepspeed_shm_comm": "training on the CPU"}
+# What compiling them takes (torch's cpp_extension runs $CXX, else c++, and includes Python.h).
+COMPILER, PYTHON_HEADERS = "a C++ compiler", "the Python headers"
+
+
+def missing_build_tools() -> tuple[str, ...]:
+    """What this PC lacks to build DeepSpeed's ops: ``COMPILER``, ``PYTHON_HEADERS``, or nothing."""
+    import sysconfig
+
+    missing = []
+    if shutil.which(os.environ.get("CXX") or "c++") is None:
+        missing.append(COMPILER)
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        missing.append(PYTHON_HEADERS)
+    return tuple(missing)
+
+
+def prebuilt_ops() -> set[str]:
+    """DeepSpeed's ops compiled into its install (``DS_BUILD_*``, as in the Docker image), read
+    from its ``git_version_info_installed.py`` as text, without importing DeepSpeed."""
+    import ast
+
+    try:
+        path = importlib.metadata.distribution("deepspeed").locate_file("deepspeed/git_version_info_installed.py")
+        tree = ast.parse(Path(path).read_text())
+    except (importlib.metadata.PackageNotFoundError, OSError, SyntaxError):
+        return set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "installed_ops" for t in node.targets):
+            try:
+                return {name for name, built in ast.literal_eval(node.value).items() if built}
+            except (ValueError, AttributeError):
+                return set()
+    return set()
+
+
+def unbuildable_ops(missing: tuple[str, ...]) -> tuple[str, ...]:
+    """The ops of ``DEEPSPEED_OPS`` this PC cannot load: not compiled in, and ``missing`` tools."""
+    if not missing:
+        return ()
+    built = prebuilt_ops()
+    return tuple(op for op in DEEPSPEED_OPS if op not in built)
+
+
+def build_tools_advice(missing: tuple[str, ...] | list[str], python: str) -> str:
+    """How to install ``missing`` on a PC with Python ``python`` ("3.11.7"): the packages
+    launcher/bootstrap.sh installs on Debian/Ubuntu and on Fedora/RHEL."""
+    minor = ".".join(python.split(".")[:2])
+    apt = [p for tool, p in ((COMPILER, "g++"), (PYTHON_HEADERS, f"python{minor}-dev")) if tool in missing]
+    dnf = [p for tool, p in ((COMPILER, "gcc-c++"), (PYTHON_HEADERS, f"python{minor}-devel")) if tool in missing]
+    return (f"launcher/bootstrap.sh installs them, or: sudo apt-get install {' '.join(apt)} "
+            f"(Debian/Ubuntu), sudo dnf install {' '.join(dnf)} (Fedora/RHEL)")
+
+
+def build_tools_warning() -> str | None:
+    """One line for a PC joining a swarm that cannot build the DeepSpeed ops it lacks; None when
+    it has the tools, or every op compiled in."""
+    missing = missing_build_tools()
+    ops = unbuildable_ops(missing)
+    if not ops:
+        return None
+    uses = ", ".join(f"{op} ({DEEPSPEED_OPS[op]})" for op in ops)
+    return (f"warning: this PC lacks {' and '.join(missing)}, so it cannot build DeepSpeed's ops {uses}, and runs "
+            f"that need them are refused while it is in the swarm; "
+            f"{build_tools_advice(missing, platform.python_version())}")
+
+
 def ram_bytes() -> int:
     """Total host RAM."""
     return int(psutil.virtual_memory().total)
@@ -210,6 +279,7 @@ def inventory(peer: str | None = None, offload: str | Path | None = None,
             None leaves it unmeasured.
     """
     reach = interface_to(peer) if peer else None
+    missing = missing_build_tools()
     return NodeInventory(
         hostname=socket.gethostname(),
         ram_bytes=ram_bytes(),
@@ -220,4 +290,6 @@ def inventory(peer: str | None = None, offload: str | Path | None = None,
         offload_free_bytes=disk_free_bytes(Path(offload)) if offload else None,
         offload_write_bytes_per_s=write_speed,
         versions=versions(),
+        missing_build_tools=missing,
+        unbuildable_ops=unbuildable_ops(missing),
     )

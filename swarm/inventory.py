@@ -32,6 +32,10 @@ class NodeInventory:
     offload_write_bytes_per_s: float | None = None  # measured write speed of that folder
     interface: str | None = None  # network interface that reaches the head
     versions: dict[str, str] = field(default_factory=dict)  # python, torch, ray, swarm, ...
+    # What it lacks to build DeepSpeed's ops, and the ops it therefore cannot load (those not
+    # compiled into its DeepSpeed): swarm.hardware.missing_build_tools, unbuildable_ops
+    missing_build_tools: tuple[str, ...] = ()
+    unbuildable_ops: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,4 +50,6 @@ class NodeInventory:
             )
             for g in data.get("gpus", ())
         )
-        return cls(**{**data, "gpus": gpus, "versions": dict(data.get("versions") or {})})
+        return cls(**{**data, "gpus": gpus, "versions": dict(data.get("versions") or {}),
+                      "missing_build_tools": tuple(data.get("missing_build_tools") or ()),
+                      "unbuildable_ops": tuple(data.get("unbuildable_ops") or ())})

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -240,6 +241,9 @@ def serve(listen: str, offload: str | None, insecure: bool) -> int:
     folder = Path(offload).expanduser() if offload else offload_dir()
     mode = ("WITHOUT authentication, Ray WITHOUT TLS (--insecure)" if secret is None
             else "TLS, calls signed with a key derived from the cluster secret")
+    missing_tools = hardware.build_tools_warning()
+    if missing_tools:
+        print(missing_tools, file=sys.stderr, flush=True)  # in the agent's journal, before swarm up joins it
     run_agent(listen, secret, folder, ready=lambda: print(f"swarm agent on {listen}, {mode}; offload folder {folder}", flush=True))
     return 0
 

@@ -36,6 +36,9 @@ def join(head: str, secret: str | None, num_cpus: int | None = None, num_gpus: i
         UserError: no head runs there, versions or auth differ, Ray could not start, or the
             node stopped by itself (its log says why).
     """
+    missing_tools = hardware.build_tools_warning()
+    if missing_tools:
+        say(missing_tools)  # the runs the driver would refuse here, said now rather than at the first one
     head_agent = agent_address(head)
     head_ip = head_agent.rpartition(":")[0]
     reach = hardware.interface_to(head_ip)

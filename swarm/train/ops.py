@@ -64,6 +64,29 @@ def ops_for(plan: dict) -> list[str]:
     return needed
 
 
+def check_build_tools(plan: dict, inventories) -> None:
+    """Refuse, in one line, a plan that loads an op a training PC can neither build (no compiler
+    or no Python headers there) nor load compiled in, as its inventory says: before any weight
+    is read, rather than in the first worker that loads the op.
+
+    Args:
+        plan: ``Plan.to_dict()``.
+        inventories: the ``NodeInventory`` of every PC that may train.
+    """
+    from swarm.hardware import build_tools_advice
+
+    needed = ops_for(plan)
+    for inv in inventories:
+        lacking = [op for op in needed if op in inv.unbuildable_ops]
+        if lacking:
+            where = f"{inv.hostname} ({inv.address})" if inv.address else inv.hostname
+            raise UserError(
+                f"{where} cannot build DeepSpeed's {', '.join(lacking)} op{'s' * (len(lacking) > 1)}, which this "
+                f"plan needs: it lacks {' and '.join(inv.missing_build_tools)}; install them there "
+                f"({build_tools_advice(inv.missing_build_tools, inv.versions.get('python', '3'))})"
+            )
+
+
 def build_folder(name: str) -> Path:
     """Where torch builds the extension ``name`` in this environment."""
     from torch.utils.cpp_extension import _get_build_directory

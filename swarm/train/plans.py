@@ -20,6 +20,7 @@ from swarm.errors import UserError
 from swarm.inventory import NodeInventory
 from swarm.plan import Plan, make_plan
 from swarm.plan.placement import NodeSlots, Placement, node_capacity, place_workers, spread_workers
+from swarm.train.ops import check_build_tools
 
 # The shape of a worker group: ((node address, workers there), ...), sorted; "local" for a
 # run on a Ray started for it, whose single node is the driver's.
@@ -122,6 +123,7 @@ def run_planner(job: JobConfig, nodes: list[NodeSlots] | None, inventories: list
     plan = planner.plan_for(planner.first_key())
     if not plan.fits:
         raise UserError(f"this job does not fit: {plan.reason}; `swarm plan JOB` shows the figures")
+    check_build_tools(plan.to_dict(), inventories)
     return planner
 
 

@@ -139,6 +139,52 @@ def test_missing_gpu_driver_is_refused_when_required(tmp_path):
     assert not (home / ".swarm").exists()
 
 
+# Every name a C++ compiler goes by on Debian, Fedora and with clang.
+COMPILERS = ("c++", "*g++*", "clang++*")
+
+
+def test_a_missing_compiler_is_refused_where_it_cannot_be_installed(tmp_path, monkeypatch):
+    """No compiler, no apt-get, dnf or sudo: one line saying what is missing and why."""
+    monkeypatch.delenv("CXX", raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    path = path_without(tmp_path, *COMPILERS, "apt-get", "dnf", "sudo")
+    # --min-disk-gb would stop it right after the checks, before anything is installed.
+    result = bootstrap(home, "--python", sys.executable, "--min-disk-gb", "100000000", path=path)
+    assert_fails_cleanly(result, "missing: a C++ compiler", "DeepSpeed compiles its CPU Adam and AIO ops on every PC")
+    assert not (home / ".swarm").exists()
+
+
+def fake_package_manager(bin_dir: Path, log: Path) -> None:
+    """An apt-get whose install puts a c++ on PATH (and logs its arguments), and a sudo that runs
+    what it is given, as a password-less sudo would."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "apt-get").write_text(
+        f'#!/bin/sh\necho "$0 $*" >> {log}\n'
+        f'[ "$1" = install ] && printf "#!/bin/sh\\n" > {bin_dir}/c++ && chmod 755 {bin_dir}/c++\nexit 0\n'
+    )
+    (bin_dir / "sudo").write_text('#!/bin/sh\n[ "$1" = -n ] && shift\nexec "$@"\n')
+    for name in ("apt-get", "sudo"):
+        (bin_dir / name).chmod(0o755)
+
+
+def test_a_missing_compiler_is_installed_with_the_package_manager(tmp_path, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    log = tmp_path / "apt.log"
+    fake_package_manager(tmp_path / "bin", log)
+    path = f"{tmp_path / 'bin'}:{path_without(tmp_path, *COMPILERS, 'apt-get', 'dnf', 'sudo')}"
+    result = bootstrap(home, "--python", sys.executable, "--min-disk-gb", "100000000", path=path)
+    # Only what is missing (this Python has its headers), then the checks go on.
+    assert log.read_text() == f"{tmp_path / 'bin' / 'apt-get'} install -y g++\n"
+    assert "changed: installed g++ (apt-get), for DeepSpeed's ops" in result.stdout
+    assert_fails_cleanly(result, "GB free")
+    again = bootstrap(home, "--python", sys.executable, "--min-disk-gb", "100000000", path=path)
+    assert f"ok: C++ compiler ({tmp_path / 'bin' / 'c++'}) and Python" in again.stdout
+    assert log.read_text().count("install") == 1
+
+
 def fake_nvidia_smi(bin_dir: Path, working: bool = True) -> None:
     """An nvidia-smi that answers like a driver 580 with two GPUs, or fails like one whose
     kernel module is not loaded."""
