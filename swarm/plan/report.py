@@ -7,6 +7,7 @@ from rich.table import Table
 
 from swarm.plan.decide import Candidate, NodeFigures, Plan
 from swarm.plan.memory import peak_terms
+from swarm.plan.speed import CPU_STEP_CAVEAT
 
 GiB = 1024**3
 
@@ -24,7 +25,9 @@ def render(plan: Plan, console: Console | None = None) -> None:
         f"({m.lora_params(w.lora_targets, w.lora_r) / 1e6:.1f} M); seq_len {plan.seq_len}, "
         f"{plan.placement.describe()}, {plan.precision}"
     )
-    console.print(_strategies_table(plan))
+    # Step times on CPU workers are rough (speed.CPU_STEP_CAVEAT); each place that shows one says so.
+    caveat = "" if plan.placement.use_gpu else CPU_STEP_CAVEAT
+    console.print(_strategies_table(plan, caveat))
     for node in plan.nodes:
         console.print(_node_heading(node))
         console.print(_node_table(node))
@@ -33,8 +36,8 @@ def render(plan: Plan, console: Console | None = None) -> None:
         sent = max(n.step.bytes_sent for n in plan.nodes)
         console.print(
             f"[bold green]plan:[/] {plan.strategy.name} ({plan.strategy.label}), micro_batch {plan.micro_batch}, "
-            f"grad_accum {plan.grad_accum}; about {_duration(step)} per step, {plan.tokens_per_s:,.0f} tokens/s, "
-            f"{_size(sent)} sent per worker per step"
+            f"grad_accum {plan.grad_accum}; about {_duration(step)} per step, {plan.tokens_per_s:,.0f} tokens/s"
+            f"{f' ({caveat})' if caveat else ''}, {_size(sent)} sent per worker per step"
         )
         console.print(f"why: {plan.strategy_reason}")
     else:
@@ -43,8 +46,9 @@ def render(plan: Plan, console: Console | None = None) -> None:
         console.print(f"note: {note}")
 
 
-def _strategies_table(plan: Plan) -> Table:
-    table = Table(title="strategies (each at the largest micro-batch that fits)", title_justify="left")
+def _strategies_table(plan: Plan, caveat: str) -> Table:
+    title = "strategies (each at the largest micro-batch that fits)" + (f"; step times {caveat}" if caveat else "")
+    table = Table(title=title, title_justify="left")
     for col, justify in (("strategy", "left"), ("fits", "left"), ("mb x accum", "right"), ("GPU peak", "right"),
                          ("RAM peak", "right"), ("step", "right"), ("what breaks", "left")):
         table.add_column(col, justify=justify, overflow="fold")

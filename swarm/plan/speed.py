@@ -30,6 +30,13 @@ DEFAULT_LINK_GBPS = 1.0  # home Ethernet
 LINK_EFFICIENCY = 0.9  # TCP payload share of a link's rate
 DEFAULT_NVME_BYTES_PER_S = 2.0e9  # consumer PCIe 3/4 drive, sustained
 CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed's CPUAdam on a desktop CPU
+# CPU step times are rough, and every one shown says so. On a real 30-layer model,
+# SmolLM2-135M-Instruct with seq_len 256 and micro_batch 4 x grad_accum 2 on a 2-core machine,
+# the plan said 11.4 s per step and swarm train measured 6.8 s (1.7x too slow; issue 33). On
+# configs/demo.yaml's tiny model the plan says 5 ms and a step takes 0.14 s (README's 1,824
+# tok/s) to 2.4 s (a run on a busy 2-core machine, 2026-12-07): fixed per-step costs (DeepSpeed,
+# gloo, Ray, offload bookkeeping), which the roofline leaves out, dominate there.
+CPU_STEP_CAVEAT = "rough on CPUs: about 2x off for a 135M model, far more for tiny ones"
 # Collectives that run once per optimizer step; the others run in every micro-step.
 AT_STEP_BOUNDARY = ("all-gather LoRA weights",)
 

@@ -38,6 +38,20 @@ def test_plan_prints_tables_and_decision(job_file, capsys):
     assert "plan: replicate" in out and "desktop" in out and "activations: logits and loss" in out
 
 
+def test_cpu_step_times_are_said_to_be_rough(job_file, tmp_path, capsys):
+    """The CPU estimate was 1.7x off on SmolLM2-135M (issue 33) and far more on tiny models."""
+    caveat = "rough on CPUs: about 2x off for a 135M model, far more for tiny ones"
+    hw = write(tmp_path, "nodes: [{name: box, ram_gb: 64}]\n")
+    rc = main(["plan", str(job_file), "--hardware", hw, "--set", "model.path=qwen2.5-0.5b", "--set", "data.seq_len=256"])
+    out = " ".join(capsys.readouterr().out.split())  # rich folds long lines
+    assert rc == 0 and "plan: " in out and "(CPU, 1 worker)" in out
+    assert f"step times {caveat}" in out  # the strategies table
+    assert f"tokens/s ({caveat})," in out  # the decision
+    # A GPU plan's figures carry no such note.
+    assert main(["plan", str(job_file), "--hardware", str(ROOT / "configs/hardware/one-4060ti-32gb.yaml")]) == 0
+    assert "rough" not in capsys.readouterr().out
+
+
 def test_plan_json_is_one_object(job_file, capsys):
     rc = main(["plan", str(job_file), "--hardware", str(ROOT / "configs/hardware/two-pcs-3090.yaml"),
                "--set", "model.path=llama-3.1-70b", "--json"])
