@@ -209,9 +209,14 @@ class TrainSection(Section):
     sync_every: int | Literal["auto"] = Field(
         "auto", description="diloco: steps between adapter exchanges; auto: proposed from the link and step time.",
     )
-    outer_lr: float = Field(0.7, gt=0, le=2, description="diloco: the outer optimizer's learning rate "
-                            "(on LoRA's B factors; the A factors are averaged).")
-    outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco: the outer optimizer's Nesterov momentum.")
+    outer_optimizer: Literal["average", "nesterov", "nesterov-b"] = Field(
+        "nesterov-b", description="diloco: how the PCs' averaged change moves the global adapter: average (the "
+        "mean of the PCs' adapters), nesterov (DiLoCo's Nesterov SGD on the whole adapter), nesterov-b "
+        "(Nesterov on LoRA's B factors, the mean on A). See docs/training.md.")
+    outer_lr: float = Field(0.7, gt=0, le=2, description="diloco, nesterov and nesterov-b: the outer optimizer's "
+                            "learning rate.")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="diloco, nesterov and nesterov-b: the outer "
+                                  "optimizer's Nesterov momentum.")
     max_restarts: int = Field(3, ge=0, description="Times a failed worker group restarts from the newest checkpoint.")
     regrow_check_s: float = Field(
         60.0, gt=0, description="Seconds between checks for a returned PC while training with fewer workers."

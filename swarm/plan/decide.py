@@ -200,7 +200,8 @@ class Plan:
 
 def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placement | None = None,
               workers_per_node: list[int] | None = None, link_gbps: float | None = None,
-              overheads: mem.Overheads = mem.OVERHEADS, head: bool = True, data_tokens: int = 0) -> Plan:
+              overheads: mem.Overheads = mem.OVERHEADS, head: bool = True, data_tokens: int = 0,
+              diloco_pc: bool = False) -> Plan:
     """Place the workers, size every allowed strategy on every node, choose the fastest that fits.
 
     Args:
@@ -216,6 +217,8 @@ def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placemen
             a ``diloco`` run, each planned on its own).
         data_tokens: tokens of the prepared data, which the driver holds while preparing
             them (0: not known, as for ``swarm plan``).
+        diloco_pc: the plan of one PC of a ``diloco`` run: a sharded base is loaded whole
+            and partitioned over the PC's workers (``swarm.train.device.loading_arguments``).
 
     Raises:
         UserError: no nodes, a job whose settings exclude every strategy, a placement the
@@ -232,7 +235,7 @@ def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placemen
     world = sum(per_node)
     precision = plan_precision(job, nodes, placement.use_gpu)
     shape = load_shape(job.model.path)
-    work = workload_from_job(job, 4 if precision == "fp32" else 2, data_tokens)
+    work = replace(workload_from_job(job, 4 if precision == "fp32" else 2, data_tokens), partition_per_pc=diloco_pc)
     shape.lora_groups(work.lora_targets)  # raises a UserError for a target the model lacks
     knobs = mem.choose_knobs(shape, work, world)
     samples = job.train.micro_batch * job.train.grad_accum

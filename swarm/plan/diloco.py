@@ -40,13 +40,15 @@ class SyncPlan:
     every: int
     bytes_per_worker: int  # sent by each PC's leader per exchange
     seconds: float  # one exchange on the link
+    outer_optimizer: str
     outer_lr: float
     outer_momentum: float
     proposed: bool  # H came from the planner (train.sync_every: auto)
 
     def to_dict(self) -> dict:
         return {"every": self.every, "bytes_per_worker": self.bytes_per_worker, "seconds": self.seconds,
-                "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum, "proposed": self.proposed}
+                "outer_optimizer": self.outer_optimizer, "outer_lr": self.outer_lr,
+                "outer_momentum": self.outer_momentum, "proposed": self.proposed}
 
 
 def exchange_cost(lora_params: int, pcs: int, link_gbps: float | None) -> tuple[int, float]:
@@ -97,7 +99,8 @@ def pc_plans(job: JobConfig, nodes: list[NodeInventory], per_node: list[int], us
         n = per_node[i]
         placement = Placement("local", n, n, use_gpu, n)
         return make_plan(pc_job(job, precision, micro_batch), [nodes[i]], placement=placement, workers_per_node=[n],
-                         overheads=overheads, head=i == 0, data_tokens=data_tokens if i == 0 else 0)
+                         overheads=overheads, head=i == 0, data_tokens=data_tokens if i == 0 else 0,
+                         diloco_pc=True)
 
     plans = [plan_pc(i, None) for i in range(len(nodes))]
     smallest = min(p.micro_batch for p in plans)
@@ -107,16 +110,25 @@ def pc_plans(job: JobConfig, nodes: list[NodeInventory], per_node: list[int], us
 def sync_plan(job: JobConfig, lora_params: int, pcs: int, slowest_step_s: float, link_gbps: float | None) -> SyncPlan:
     sent, seconds = exchange_cost(lora_params, pcs, link_gbps)
     proposed = job.train.sync_every == "auto"
-    every = (propose_every(seconds, slowest_step_s, job.train.max_steps, job.train.outer_momentum) if proposed
+    momentum = job.train.outer_momentum if job.train.outer_optimizer != "average" else 0.0
+    every = (propose_every(seconds, slowest_step_s, job.train.max_steps, momentum) if proposed
              else job.train.sync_every)
-    return SyncPlan(every, sent, seconds, job.train.outer_lr, job.train.outer_momentum, proposed)
+    return SyncPlan(every, sent, seconds, job.train.outer_optimizer, job.train.outer_lr, job.train.outer_momentum,
+                    proposed)
 
 
 def describe(sync: SyncPlan) -> str:
     how = "proposed from the link and the step time" if sync.proposed else "train.sync_every"
     text = (f"adapters exchanged every {sync.every} step(s) ({how}): {sync.bytes_per_worker / 1e6:.1f} MB per PC, "
-            f"about {sync.seconds:.1f} s each; outer Nesterov SGD lr {sync.outer_lr:g}, momentum {sync.outer_momentum:g}")
+            f"about {sync.seconds:.1f} s each, and evals at exchanges; outer optimizer {outer_text(sync)}")
     return text
+
+
+def outer_text(sync: SyncPlan) -> str:
+    if sync.outer_optimizer == "average":
+        return "average (the mean of the PCs' adapters)"
+    where = "the whole adapter" if sync.outer_optimizer == "nesterov" else "LoRA's B factors, the mean on A"
+    return f"{sync.outer_optimizer}: Nesterov SGD lr {sync.outer_lr:g}, momentum {sync.outer_momentum:g} on {where}"
 
 
 def replace_step(figures, step: StepEstimate):

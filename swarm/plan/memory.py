@@ -57,6 +57,7 @@ class Workload:
     sequences: int = 1
     reference_passes: int = 0
     dora: bool = False  # DoRA: each adapted layer builds its whole weight to take its norm
+    partition_per_pc: bool = False  # a diloco PC: ZeRO-3 partitions over the PC, after a whole load
     data_tokens: int = 0  # tokens the driver prepares (train + eval)
 
 
@@ -275,13 +276,15 @@ def worker_terms(shape: ModelShape, work: Workload, strategy: Strategy, world: i
     # The shard is memory-mapped; its pages count in the RSS once read (on CPU workers the
     # shared RSS rose by 95-105% of the file's size at the load peak in every calibration run).
     # A 4-bit base that ZeRO-3 will shard is loaded into host RAM first (a GPU worker cannot
-    # hold it whole; see swarm.train.device.loading_arguments), then partitioned.
+    # hold it whole; see swarm.train.device.loading_arguments), then partitioned; so is any
+    # base a diloco PC shards (partitioned over the PC's workers, not by transformers).
     largest_tensor = max(g.weight_numel for g in shape.groups)
-    loads_in_ram = device == "gpu" and strategy.zero_stage == 3 and quantized
+    loads_in_ram = strategy.zero_stage == 3 and ((device == "gpu" and quantized) or work.partition_per_pc)
     add("loading: one tensor in 16-bit", "ram" if loads_in_ram else dev, largest_tensor * shape.checkpoint_dtype_bytes,
         "load")
     if loads_in_ram:
-        add("loading: whole 4-bit base in RAM before ZeRO-3 partitions it", "ram",
+        kind = "4-bit" if quantized else "16-bit"
+        add(f"loading: whole {kind} base in RAM before ZeRO-3 partitions it", "ram",
             quantized // 2 + (shape.total_params - quantized) * d, "load")
     add("loading: checkpoint shard in memory", "ram",
         min(overheads.shard_bytes, shape.total_params * shape.checkpoint_dtype_bytes), "load")

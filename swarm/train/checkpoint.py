@@ -5,7 +5,8 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` holding
 - ``adapter/``: the LoRA weights in full precision, in peft's format (loadable as is);
 - ``trainer_state.safetensors``: tensors of the trainer's state, by name: Adam's moments
   (``exp_avg/NAME``, ``exp_avg_sq/NAME``), the RNG states (``rng/torch``, ``rng/cuda/I``,
-  ``rng/numpy``) and a strategy's own state (``extra/NAME``: diloco's outer momentum);
+  ``rng/numpy``) and a strategy's own state (``extra/NAME``: diloco's outer momentum and
+  each PC's own adapter and moments, see ``swarm.train.pc_state``);
 - ``trainer_state.json``: the rest: the step, the number of samples seen (the data
   position), the optimizer's step count, the LR schedule and the other RNG fields;
 - ``manifest.json``: the step, a fingerprint of what the run trains (to refuse an
@@ -118,6 +119,7 @@ def split_state(trainer: dict[str, Any]) -> tuple[dict, dict]:
         "optimizer_step": trainer["optimizer_step"], "scheduler": trainer["scheduler"],
         "moment_keys": sorted(trainer["moments"]),
         "extra_keys": sorted(trainer.get("extra", {})),
+        "diloco": trainer.get("diloco"),  # the PCs and the last exchange (swarm.train.pc_state)
         "cuda_rng_states": len(rng["cuda"] or []),
         "numpy_rng": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python_rng": {"version": version, "state": list(python_state), "gauss_next": gauss_next},
@@ -141,6 +143,7 @@ def join_state(tensors: dict, plain: dict) -> dict[str, Any]:
         "step": plain["step"], "samples_seen": plain["samples_seen"], "optimizer_step": plain["optimizer_step"],
         "scheduler": plain["scheduler"], "moments": moments,
         "extra": {name: tensors[f"extra/{name}"] for name in plain.get("extra_keys", [])},
+        "diloco": plain.get("diloco"),
         "rng": {
             "torch": tensors["rng/torch"], "cuda": cuda,
             "numpy": (np_rng["kind"], tensors["rng/numpy"].numpy().astype(np.uint32), np_rng["pos"],

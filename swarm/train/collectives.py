@@ -161,6 +161,19 @@ def all_gather(tensor, group=None) -> list:
     return [_place(t, tensor.device) for t in gathered]
 
 
+def gather(tensor, dst: int, group=None) -> list | None:
+    """Every rank's ``tensor`` (all of one shape and dtype) on global rank ``dst``, in group rank
+    order, where ``tensor`` is; None on the other ranks (each sends its tensor once)."""
+    device = device_of(group)
+    work = _place(tensor, device)
+    if dist.get_rank() != dst:
+        dist.gather(work, None, dst=dst, group=group)
+        return None
+    gathered = [_place(torch.empty_like(tensor, device="cpu"), device) for _ in range(dist.get_world_size(group))]
+    dist.gather(work, gathered, dst=dst, group=group)
+    return [_place(t, tensor.device) for t in gathered]
+
+
 def _bytes_tensor(data: bytes, size: int):
     """``data`` as a uint8 tensor of ``size`` elements, zero-padded."""
     buffer = torch.zeros(size, dtype=torch.uint8)

@@ -53,15 +53,20 @@ class LoadingArguments:
     partition_after_load: bool
 
 
-def loading_arguments(quantized: bool, zero_stage: int, device: str) -> LoadingArguments:
+def loading_arguments(quantized: bool, zero_stage: int, device: str, per_pc: bool = False) -> LoadingArguments:
     """Where the base is loaded, given the plan's strategy and the worker's device.
 
     Args:
         quantized: the base is loaded in 4 bits by bitsandbytes.
         zero_stage: 2 (replicate) or 3 (shard), from the plan.
         device: the worker's device, ``cpu`` or ``cuda:N``.
+        per_pc: ZeRO-3 partitions over this worker's PC only (``diloco``), not every worker.
     """
-    if zero_stage == 3 and quantized:
+    if zero_stage == 3 and (quantized or per_pc):
+        # A 16-bit base under diloco too: transformers' zero.Init would partition it over the
+        # world group (it takes no data-parallel group) and read the weights on global rank 0
+        # only; every forward would then gather the base over the home link. Each worker
+        # loads it into host RAM instead and partitions it over its PC's group.
         return LoadingArguments({"": "cpu"}, zero3_init=False, partition_after_load=True)
     if zero_stage == 3:
         # The LoRA weights peft adds afterwards are not partitioned yet: zero.Init takes them.

@@ -15,9 +15,11 @@ import time
 from typing import Any
 
 from swarm.config.models import JobConfig
-from swarm.train.diloco import Exchange, PcGroups, full_numel
+from swarm.train.diloco import PcGroups
+from swarm.train.exchange import Exchange, eval_due, exchange_due, full_numel
 from swarm.train.driver_link import DriverLink, gather_hosts, grad_norm, group_plan, memory_figures, sent_bytes_counter
 from swarm.train.mailbox import unpack
+from swarm.train.pc_state import add_pc_state
 from swarm.train.plans import plan_of_pc
 from swarm.train.runtime import prepare_process_env
 from swarm.train.trainable_state import gather_adapter, gather_trainable_state, restore_trainer_state
@@ -159,12 +161,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     start_step, samples_seen = 0, 0
     if resume is not None:
         start_step, samples_seen = restore_trainer_state(engine, scheduler, named, resume)
-    exchange = None
-    if pc_groups is not None:
-        sync = plan["sync"]
-        saved = (resume or {}).get("trainer", {}).get("extra", {}).get("outer_momentum")
-        exchange = Exchange(engine, named, pc_groups, sync["outer_lr"], sync["outer_momentum"], saved)
-        pc_tokens = 0  # this worker's tokens since the last exchange
+    # diloco: PC 0's adapter goes to every PC, or each PC takes its own state from the checkpoint.
+    exchange = Exchange(engine, named, pc_groups, plan["sync"], resume) if pc_groups is not None else None
 
     hosts = gather_hosts(on_gpu)
     if link is not None:
@@ -174,6 +172,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             "max_steps": job.train.max_steps, "hosts": hosts,
             "trainable_params": sum(full_numel(p) for p in params),
         })
+        for text in exchange.notes if exchange is not None else []:
+            link.send({"kind": "note", "text": text})
 
     # data: swarm.train.packing Blocks (or Pairs for preference methods) per split.
     objective = objective_for(job)
@@ -181,8 +181,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     def checkpoint(done: int) -> None:
         state = gather_trainable_state(engine, scheduler, named, done, samples_seen)
-        if exchange is not None:  # taken right after an exchange: the adapter is the global one
-            state["trainer"]["extra"] = {"outer_momentum": exchange.momentum_buf.clone()}
+        if exchange is not None:  # the global adapter, and every PC's own state (collective)
+            add_pc_state(exchange, state)
         if link is not None:
             state["fingerprint"] = cfg["fingerprint"]
             state["peft_config"] = model.peft_config["default"]
@@ -212,7 +212,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         totals = collectives.reduce_numbers([loss_sum.item() / ga, tokens, stop, sent, *figures])
         if exchange is not None:
             exchange.blocked(time.perf_counter() - reduced)  # waiting for the other PCs
-            pc_tokens += tokens
+            exchange.tokens += tokens
         elapsed = time.perf_counter() - started
         done = step + 1
         last = done == job.train.max_steps
@@ -228,12 +228,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         stopping = totals[2] > 0
         saving = stopping or last or done % job.train.checkpoint_every == 0
         evaluating = data["eval"] is not None and (done % job.train.eval_every == 0 or last)
-        # diloco exchanges before a checkpoint and before an eval as well, so both hold the
-        # global adapter (the one the run's output holds), not each PC's own.
-        if exchange is not None and (saving or evaluating or done % plan["sync"]["every"] == 0):
+        # diloco: one outer step every H steps and at the last, whatever else happens; evals
+        # run at exchanges (the global adapter exists only there), checkpoints at any step.
+        if exchange is not None:
+            previous = exchange.last_exchange
+            exchanging = exchange_due(done, plan["sync"]["every"], last)
+            evaluating = data["eval"] is not None and exchanging and eval_due(done, previous, job.train.eval_every, last)
+        if exchange is not None and exchanging:
             sent_before = sent_bytes()
-            figures = exchange.sync(pc_total(pc_tokens, pc_groups))
-            pc_tokens = 0
+            figures = exchange.sync(done)
             if link is not None:
                 link.send({"kind": "sync", "step": done, "sync_bytes": figures.bytes_sent,
                            # what this PC's interface carried during the exchange, Ray's share too
@@ -255,13 +258,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if link is not None:
         # Delivered: the driver holds the adapter before this worker may exit.
         link.deliver({"kind": "adapter", "peft_config": model.peft_config["default"], "state_dict": state})
-
-
-def pc_total(tokens: int, groups) -> float:
-    """The tokens of this worker's PC since the last exchange. Collective inside the PC."""
-    from swarm.train import collectives
-
-    return collectives.reduce_numbers([float(tokens)], group=groups.intra)[0]
 
 
 def evaluate(engine, split, objective, job: JobConfig, mb: int, rank: int, world: int) -> dict[str, float]:

@@ -52,7 +52,7 @@ def load_model(job: JobConfig, plan: dict[str, Any], device: str, adapter: dict 
 
     precision, ds_config = plan["precision"], plan["deepspeed"]
     dtype = DTYPES[precision]
-    loading = loading_arguments(job.quantization.bits == 4, plan["strategy"]["zero_stage"], device)
+    loading = loading_arguments(job.quantization.bits == 4, plan["strategy"]["zero_stage"], device, group is not None)
     bnb = quantization_kwargs(job.quantization, precision)
     # transformers sees ZeRO-3 only through a live HfDeepSpeedConfig; keep it while loading.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if loading.zero3_init else None
@@ -86,7 +86,7 @@ def prepare_model(model, job: JobConfig, plan: dict[str, Any], device: str, adap
     from peft import LoraConfig, get_peft_model
 
     dtype = DTYPES[plan["precision"]]
-    loading = loading_arguments(job.quantization.bits == 4, plan["strategy"]["zero_stage"], device)
+    loading = loading_arguments(job.quantization.bits == 4, plan["strategy"]["zero_stage"], device, group is not None)
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     keep_4bit_layout(model)
     for param in model.parameters():

@@ -30,9 +30,10 @@ def run(device: str, model_device: str | None = None) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from swarm.train import collectives
-    from swarm.train.diloco import Exchange, PcGroups, outer_step
+    from swarm.train.diloco import PcGroups
     from swarm.train.driver_link import gather_hosts
-    from swarm.train.loop import pc_total
+    from swarm.train.exchange import Exchange
+    from swarm.train.outer import outer_step
 
     model_device = model_device or device
     collectives.join("nccl", device, init_method="env://", rank=0, world_size=1)
@@ -42,7 +43,6 @@ def run(device: str, model_device: str | None = None) -> dict:
     hosts = gather_hosts(model_device != "cpu")
     step_sums = collectives.reduce_numbers([2.5, 128.0, 0.0])
     groups = PcGroups.build(addresses, 0)
-    tokens = pc_total(128, groups)
 
     torch.manual_seed(0)
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Linear(64, 8)),
@@ -52,7 +52,10 @@ def run(device: str, model_device: str | None = None) -> dict:
               "zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "torch_adam": True}}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for _, p in named], config=config,
                                       mpu=groups.mpu())
-    exchange = Exchange(engine, named, groups, lr=0.7, momentum=0.9)
+    sync = {"outer_optimizer": "nesterov-b", "outer_lr": 0.7, "outer_momentum": 0.9}
+    exchange = Exchange(engine, named, groups, sync)  # broadcasts PC 0's adapter: collectives on both groups
+    exchange.tokens = 128
+    tokens = exchange.pc_tokens()
     start = exchange.global_flat.clone()
     for _ in range(2):
         loss = engine(torch.randn(1, 16, device=model_device)).pow(2).sum()
@@ -60,12 +63,12 @@ def run(device: str, model_device: str | None = None) -> dict:
         engine.step()
     local = exchange._local_flat()
     started = time.perf_counter()
-    figures = exchange.sync(tokens)
+    figures = exchange.sync(8)
     sync_s = time.perf_counter() - started
     # One PC: the token-weighted mean is its own pseudo-gradient (sent in bf16), and the outer
     # step moves B by Nesterov and sets A to the mean.
     delta = (start - local).to(torch.bfloat16).float()
-    expected, _ = outer_step(start, delta, torch.zeros_like(start), 0.7, 0.9, exchange.averaged)
+    expected, _ = outer_step(start, delta, torch.zeros_like(start), "nesterov-b", 0.7, 0.9, exchange.a_slices)
     error = float((exchange._local_flat() - expected).abs().max())
     # The group stays: the training cases after this one train in it, as a worker would.
     return {

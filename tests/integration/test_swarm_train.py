@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from trainkit import adapter_tensors, losses, run_dir_of, write_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -281,6 +282,31 @@ def test_a_diloco_run_resumes_on_one_host(lab, diloco_run):
     summary = json.loads((run_dir / "run.json").read_text())
     assert summary["world_size"] == 1 and summary["steps"] == 28
     assert sorted(losses(run_dir)) == list(range(1, 29))
+
+
+def test_diloco_makes_one_outer_step_per_h_steps_and_resumes_exactly_between_exchanges(lab, tiny_models, tmp_path):
+    """Evals every 3 steps and checkpoints every 5 add no outer step to H=4 (issue 31); the
+    checkpoint at step 5, between exchanges, holds each PC's own adapter and inner moments,
+    and a run resumed from it ends where the uninterrupted run ended."""
+    from swarm.train.checkpoint import load_checkpoint
+
+    job = swarm_job(tmp_path, tiny_models("llama"), strategy="diloco", max_steps=12, sync_every=4, eval_every=3,
+                    checkpoint_every=5)
+    run_dir = run_dir_of(train_on_swarm(lab, job))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "sync_bytes" in r] == [4, 8, 12]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8, 12]  # due at 3, 6, 9 and the end
+    mid = load_checkpoint(run_dir / "checkpoints" / "step-00000005")["trainer"]
+    assert mid["diloco"]["last_exchange"] == 4 and len(mid["diloco"]["pcs"]) == 2
+    for key in ("adapter", "exp_avg", "exp_avg_sq"):  # each PC's own, trained on its own data
+        assert not mid["extra"][f"pc0/{key}"].equal(mid["extra"][f"pc1/{key}"]), key
+    uninterrupted = adapter_tensors(run_dir / "checkpoints" / "step-00000012" / "adapter")
+
+    result = lab.swarm(HEAD, "train", str(job), "--resume", str(run_dir / "checkpoints" / "step-00000005"), timeout=800)
+    assert "from step 5" in result.stderr and "approximation" not in result.stderr, result.stderr[-3000:]
+    resumed = adapter_tensors(run_dir / "checkpoints" / "step-00000012" / "adapter")
+    for name, tensor in uninterrupted.items():
+        assert torch.allclose(resumed[name], tensor, rtol=1e-5, atol=1e-6), name
 
 
 @pytest.mark.timeout(1800)

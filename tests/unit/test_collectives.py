@@ -61,19 +61,19 @@ class PlainExchange:
 
     @staticmethod
     def make(named, groups, lr, momentum):
-        from swarm.train.diloco import Exchange
+        from swarm.train.exchange import Exchange
 
         class Plain(Exchange):
             def _local_flat(self):
                 return torch.cat([p.detach().float().flatten() for _, p in self.named])
 
-            def _set_adapter(self, flat):
+            def set_adapter(self, flat):
                 offset = 0
                 for _, p in self.named:
                     p.data.copy_(flat[offset:offset + p.numel()].view(p.shape))
                     offset += p.numel()
 
-        return Plain(None, named, groups, lr, momentum)
+        return Plain(None, named, groups, {"outer_optimizer": "nesterov-b", "outer_lr": lr, "outer_momentum": momentum})
 
 
 def test_a_second_card_is_set_before_the_process_group_and_the_group_plan(stand_in, monkeypatch):
@@ -103,13 +103,16 @@ def test_the_hosts_facts_cross_as_json_on_the_card(stand_in):
 
 def test_a_pcs_tokens_are_summed_on_the_card(stand_in):
     from swarm.train.diloco import PcGroups
-    from swarm.train.loop import pc_total
 
     join_as_a_ray_worker()
     groups = PcGroups.build(["198.18.0.2"], 0)
-    assert pc_total(96, groups) == 96.0
+    exchange = PlainExchange.make([("layer.lora_B.default.weight", torch.nn.Parameter(torch.ones(2, 2)))],
+                                  groups, lr=0.7, momentum=0.9)
+    before = len(stand_in.collectives())  # the start's broadcasts
+    exchange.tokens = 96
+    assert exchange.pc_tokens() == 96.0
     assert stand_in.violations == []
-    assert [e for e in stand_in.collectives()] == [("all_reduce", "nccl", ["cuda:1"])]
+    assert stand_in.collectives()[before:] == [("all_reduce", "nccl", ["cuda:1"])]
 
 
 def test_the_step_sums_run_on_the_card(stand_in):
@@ -123,7 +126,8 @@ def test_the_step_sums_run_on_the_card(stand_in):
 
 
 def test_a_diloco_exchange_keeps_nccls_rules_and_crosses_pcs_on_host_memory(stand_in):
-    from swarm.train.diloco import PcGroups, outer_step
+    from swarm.train.diloco import PcGroups
+    from swarm.train.outer import outer_step
 
     join_as_a_ray_worker()
     groups = PcGroups.build(["198.18.0.2"], 0)
@@ -136,14 +140,15 @@ def test_a_diloco_exchange_keeps_nccls_rules_and_crosses_pcs_on_host_memory(stan
         for _, p in named:
             p.add_(0.25)
     local = exchange._local_flat()
-    figures = exchange.sync(tokens=64.0)
+    exchange.tokens = 64.0
+    figures = exchange.sync(step=8)
 
     assert stand_in.violations == []
     backends = {backend for _, backend, _ in stand_in.collectives()}
     assert backends == {"nccl", "gloo"}  # the PC's broadcast on the card, the PCs' exchange on the host
     assert any(name == "broadcast" and devices == ["cuda:1"] for name, _, devices in stand_in.collectives())
     delta = (start - local).to(torch.bfloat16).float()
-    expected, _ = outer_step(start, delta, torch.zeros_like(start), 0.7, 0.9, [slice(0, 32)])
+    expected, _ = outer_step(start, delta, torch.zeros_like(start), "nesterov-b", 0.7, 0.9, [slice(0, 32)])
     assert torch.allclose(exchange._local_flat(), expected)
     assert figures.checksums == [pytest.approx(float(expected.double().sum()), rel=1e-6)]
 

@@ -46,6 +46,15 @@ def test_a_sharded_16bit_base_is_partitioned_while_it_loads():
     assert args.zero3_init and args.device_map is None
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_a_16bit_base_sharded_within_a_diloco_pc_loads_into_host_ram_and_is_partitioned_there(device):
+    # transformers' zero.Init would partition over every PC (issue 31): swarm partitions it
+    # itself, over the PC's group (swarm.train.model.partition_for_zero3).
+    args = loading_arguments(quantized=False, zero_stage=3, device=device, per_pc=True)
+    assert args.device_map == {"": "cpu"} and not args.zero3_init and args.partition_after_load
+    assert loading_arguments(False, 2, device, per_pc=True).device_map == {"": device}
+
+
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")])
 def test_4bit_codes_are_stored_and_computed_in_the_training_dtype(precision, dtype):
     kwargs = quantization_kwargs(QuantizationSection(quant_type="nf4", double_quant=True), precision)

@@ -243,3 +243,20 @@ def test_without_checkpointing_zero3_counts_the_4bit_weights_autograd_keeps():
     assert kept(Strategy(3, "cpu", "cpu"), True) == 0
     assert kept(Strategy(2), False) == 0
     assert kept(Strategy(3, "cpu", "cpu"), False, bits=None) == 0
+
+
+def test_a_diloco_pc_that_shards_a_16bit_base_counts_it_whole_in_ram_while_loading():
+    """Issue 31: a diloco PC loads a sharded 16-bit base into host RAM and partitions it over its
+    own workers (transformers' zero.Init would partition it over every PC)."""
+    shape = load_shape("llama-3.1-8b")
+    strategy = next(s for s in STRATEGIES if s.zero_stage == 3 and s.offload_params == "cpu")
+    for device in ("gpu", "cpu"):
+        work = mem.Workload(seq_len=1024, micro_batch=1, bits=None, partition_per_pc=True)
+        terms = mem.worker_terms(shape, work, strategy, 2, mem.choose_knobs(shape, work, 2), device)
+        whole = [t for t in terms if t.name == "loading: whole 16-bit base in RAM before ZeRO-3 partitions it"]
+        assert len(whole) == 1 and whole[0].where == "ram" and whole[0].phase == "load"
+        assert whole[0].bytes == shape.total_params * work.compute_bytes
+        # Sharded across every worker by transformers, nothing is loaded whole.
+        across = mem.worker_terms(shape, replace(work, partition_per_pc=False), strategy, 2,
+                                  mem.choose_knobs(shape, work, 2), device)
+        assert not [t for t in across if t.name.startswith("loading: whole")]
