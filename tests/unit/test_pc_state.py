@@ -1,0 +1,50 @@
+"""What a diloco resume does with a checkpoint's PC state when it cannot restore each PC's own."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from swarm.train.checkpoint import join_state, split_state
+from swarm.train.pc_state import restore_pc_state
+
+
+def trainer_state(**extra) -> dict:
+    return {"step": 5, "samples_seen": 20, "optimizer_step": 5, "scheduler": {"last_epoch": 5},
+            "moments": {"exp_avg": {"w": torch.ones(3)}},
+            "rng": {"torch": torch.get_rng_state(), "cuda": None, "numpy": np.random.get_state(),
+                    "python": random.getstate()}, **extra}
+
+
+def exchange_on(addresses, pc=0):
+    return SimpleNamespace(notes=[], last_exchange=5, groups=SimpleNamespace(addresses=addresses, pc=pc,
+                                                                             is_leader=True))
+
+
+def test_the_pcs_and_last_exchange_survive_the_checkpoint_format():
+    info = {"pcs": ["10.0.0.1", "10.0.0.2"], "last_exchange": 4, "moment_keys": ["exp_avg"]}
+    tensors, plain = split_state(trainer_state(extra={"pc1/adapter": torch.arange(3.0)}, diloco=info))
+    back = join_state(tensors, plain)
+    assert back["diloco"] == info and torch.equal(back["extra"]["pc1/adapter"], torch.arange(3.0))
+
+
+def test_a_checkpoint_from_before_each_pcs_state_resumes_with_a_note():
+    tensors, plain = split_state(trainer_state(extra={"outer_momentum": torch.zeros(3)}))
+    plain.pop("diloco")  # trainer_state.json as swarm wrote it before issue 31
+    resume = {"step": 5, "trainer": join_state(tensors, plain)}
+    exchange = exchange_on(["10.0.0.1", "10.0.0.2"])
+    restore_pc_state(exchange, resume)
+    assert exchange.last_exchange == 5 and len(exchange.notes) == 1
+    assert "inner optimizer moments of the PC that wrote it" in exchange.notes[0]
+
+
+def test_other_pcs_than_the_checkpoints_resume_from_the_global_adapter_with_a_note():
+    info = {"pcs": ["10.0.0.1", "10.0.0.2"], "last_exchange": 4, "moment_keys": ["exp_avg"]}
+    resume = {"step": 5, "trainer": join_state(*split_state(trainer_state(diloco=info)))}
+    exchange = exchange_on(["10.0.0.1"])
+    restore_pc_state(exchange, resume)
+    assert exchange.last_exchange == 4
+    assert "are not this run's (10.0.0.1)" in exchange.notes[0] and "approximation" in exchange.notes[0]
