@@ -12,12 +12,8 @@ training-phase terms.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from swarm.plan.shapes import ModelShape
-
-if TYPE_CHECKING:
-    from swarm.plan.memory import Workload  # memory imports this module
+from swarm.plan.workload import Workload
 
 
 def activation_terms(shape: ModelShape, work: Workload) -> list[tuple[str, int]]:

@@ -19,11 +19,9 @@ floor is a margin, not a measured limit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from swarm.config.models import JobConfig
-from swarm.inventory import NodeInventory
-from swarm.plan import memory as mem
 from swarm.plan.speed import DEFAULT_LINK_GBPS, LINK_EFFICIENCY, StepEstimate
 
 EXCHANGE_SHARE = 0.05  # proposed H keeps the exchange within 5% of the step time
@@ -87,26 +85,6 @@ def pc_job(job: JobConfig, precision: str, micro_batch: int | None = None) -> Jo
     return job.model_copy(update={"train": job.train.model_copy(update=update)})
 
 
-def pc_plans(job: JobConfig, nodes: list[NodeInventory], per_node: list[int], use_gpu: bool, precision: str,
-             overheads: mem.Overheads, data_tokens: int = 0) -> list:
-    """Each PC's own plan, all at one micro-batch (the smallest any PC needs), so that the
-    data order gives every worker a disjoint share of the same size. The first PC holds the
-    driver and so the prepared data (``data_tokens``)."""
-    from swarm.plan.decide import make_plan
-    from swarm.plan.placement import Placement
-
-    def plan_pc(i: int, micro_batch: int | None):
-        n = per_node[i]
-        placement = Placement("local", n, n, use_gpu, n)
-        return make_plan(pc_job(job, precision, micro_batch), [nodes[i]], placement=placement, workers_per_node=[n],
-                         overheads=overheads, head=i == 0, data_tokens=data_tokens if i == 0 else 0,
-                         diloco_pc=True)
-
-    plans = [plan_pc(i, None) for i in range(len(nodes))]
-    smallest = min(p.micro_batch for p in plans)
-    return [p if p.micro_batch == smallest else plan_pc(i, smallest) for i, p in enumerate(plans)]
-
-
 def sync_plan(job: JobConfig, lora_params: int, pcs: int, slowest_step_s: float, link_gbps: float | None) -> SyncPlan:
     sent, seconds = exchange_cost(lora_params, pcs, link_gbps)
     proposed = job.train.sync_every == "auto"
@@ -129,7 +107,3 @@ def outer_text(sync: SyncPlan) -> str:
         return "average (the mean of the PCs' adapters)"
     where = "the whole adapter" if sync.outer_optimizer == "nesterov" else "LoRA's B factors, the mean on A"
     return f"{sync.outer_optimizer}: Nesterov SGD lr {sync.outer_lr:g}, momentum {sync.outer_momentum:g} on {where}"
-
-
-def replace_step(figures, step: StepEstimate):
-    return replace(figures, step=step)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from swarm.plan.decide import Candidate, NodeFigures, Plan
+from swarm.plan.candidates import Candidate, NodeFigures
+from swarm.plan.decide import Plan
 from swarm.plan.memory import peak_terms
 from swarm.plan.speed import CPU_STEP_CAVEAT
 

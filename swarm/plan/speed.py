@@ -19,9 +19,10 @@ import math
 from dataclasses import dataclass
 
 from swarm.plan.gpus import CPU_DEVICE, GpuSpec
-from swarm.plan.memory import Workload, ZeroKnobs, zero3_elements
+from swarm.plan.memory import ZeroKnobs, zero3_elements
 from swarm.plan.shapes import ModelShape
 from swarm.plan.strategy import Strategy
+from swarm.plan.workload import Workload
 
 MATMUL_EFFICIENCY = 0.4  # share of peak tensor TFLOPS a QLoRA step reaches on consumer cards
 MEMORY_EFFICIENCY = 0.7  # share of peak memory bandwidth a dequantize kernel reaches

@@ -1,5 +1,5 @@
-"""The strategies a job may train with: what each keeps where, which the job's settings allow,
-and why the planner chose one.
+"""The strategies a job may train with: what each keeps where, and which the job's settings
+allow (why the planner chose one: ``swarm.plan.candidates.strategy_reason``).
 
 A :class:`Strategy` names how the work is spread over the workers (ZeRO stage, offload
 targets, or DiLoCo); ``STRATEGIES`` lists every one the planner sizes (``swarm.plan.memory``
@@ -10,13 +10,9 @@ their config).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from swarm.config.models import JobConfig
 from swarm.errors import UserError
-
-if TYPE_CHECKING:
-    from swarm.plan.decide import Candidate
 
 OFFLOAD_TARGETS = ("none", "cpu", "nvme")
 
@@ -156,22 +152,3 @@ DORA_ZERO3 = (
 def dora_needs_whole_4bit_weights(job: JobConfig) -> bool:
     """DoRA on a 4-bit base: peft dequantizes every whole weight, which ZeRO-3 partitions (tested: it fails)."""
     return job.lora.use_dora and job.quantization.bits == 4
-
-
-def strategy_reason(job: JobConfig, chosen: Candidate, candidates: list[Candidate], world: int) -> str:
-    """Why ``chosen`` won, in one line."""
-    if job.train.strategy != "auto":
-        return f"train.strategy={job.train.strategy} in the job"
-    others = [c for c in candidates if c.strategy.kind != chosen.strategy.kind]
-    prefix = "one worker; " if world == 1 else ""
-    if not others:
-        return f"{prefix}the job's offload settings need {chosen.strategy.label}"
-    best_other = min(others, key=lambda c: (not c.fits, c.step_seconds))
-    if not best_other.fits:
-        return f"{prefix}{best_other.strategy.kind} does not fit ({best_other.problem})"
-    return (f"{prefix}fastest that fits: about {_seconds(chosen.step_seconds)} per step against "
-            f"{_seconds(best_other.step_seconds)} for {best_other.strategy.name}")
-
-
-def _seconds(value: float) -> str:
-    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
