@@ -159,7 +159,7 @@ if command -v apt-get >/dev/null 2>&1; then
 elif command -v dnf >/dev/null 2>&1; then
   PKG_TOOL=dnf CXX_PKG=gcc-c++ PY_DEV_PKG=python$PY_MINOR-devel
 else
-  PKG_TOOL= CXX_PKG="a C++ compiler" PY_DEV_PKG="the Python $PY_MINOR headers"
+  PKG_TOOL='' CXX_PKG="a C++ compiler" PY_DEV_PKG="the Python $PY_MINOR headers"
 fi
 build_needs() {  # what is missing, as this distribution's packages, one a line
   command -v "${CXX:-c++}" >/dev/null 2>&1 || printf '%s\n' "$CXX_PKG"
@@ -175,8 +175,9 @@ else
     || die "missing: ${missing%, } ($why); install them with this system's package manager, then run this again"
   as_root=()
   if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null 2>&1 && { [[ -t 0 ]] || sudo -n true 2>/dev/null; } \
-      || die "missing: ${missing%, } ($why); install them with 'sudo $PKG_TOOL install ${needs[*]}', then run this again"
+    if ! command -v sudo >/dev/null 2>&1 || ! { [[ -t 0 ]] || sudo -n true 2>/dev/null; }; then
+      die "missing: ${missing%, } ($why); install them with 'sudo $PKG_TOOL install ${needs[*]}', then run this again"
+    fi
     as_root=(sudo)
   fi
   say "installing ${needs[*]} with $PKG_TOOL: $why"
