@@ -8,7 +8,7 @@ in a Ray task, where Ray hides them from CUDA. On a PC without an NVIDIA driver 
 simply empty.
 
 ``SWARM_GPU_MEMORY_GB`` caps what each card reports (and the worker caps its allocator to
-match, ``swarm.train.device.memory_fraction``): a large card then stands in for a consumer
+match, ``swarm.train.worker.device.memory_fraction``): a large card then stands in for a consumer
 one, as the GPU check does (tests/gpu/run.sh).
 """
 

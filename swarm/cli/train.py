@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from swarm.config import load_job
-    from swarm.train.launch import train
+    from swarm.train.driver.launch import train
 
     job = load_job(args.job, args.overrides)
     run_dir = train(job, resume=args.resume)

@@ -123,7 +123,7 @@ def make_plan(job: JobConfig, nodes: list[NodeInventory], *, placement: Placemen
         data_tokens: tokens of the prepared data, which the driver holds while preparing
             them (0: not known, as for ``swarm plan``).
         diloco_pc: the plan of one PC of a ``diloco`` run: a sharded base is loaded whole
-            and partitioned over the PC's workers (``swarm.train.device.loading_arguments``).
+            and partitioned over the PC's workers (``swarm.train.worker.device.loading_arguments``).
 
     Raises:
         UserError: no nodes, a job whose settings exclude every strategy, a placement the

@@ -7,13 +7,13 @@ steps the PCs all-reduce their LoRA pseudo-gradients in bf16, nothing else. Time
 slowest PC's step, plus the exchange spread over the ``H`` steps between exchanges.
 
 ``H`` (``train.sync_every``) is proposed so that the exchange costs at most
-``EXCHANGE_SHARE`` of the training time, and at least a few exchanges happen in a run. It is
-never proposed below ``MIN_PROPOSED_EVERY`` while the outer optimizer has momentum: momentum
-multiplies each exchange's change to the B factors by up to lr / (1 - momentum) = 7, and
-exchanging after every step carried B's norm to 5 times replicate's in
-tests/bench/bench_diloco.py (its eval loss still ended 1.0% above replicate's; at H=8 0.8%,
-with B at 3 times). Eight steps keep a margin there and load the link an eighth as much; the
-floor is a margin, not a measured limit.
+``EXCHANGE_SHARE`` of the training time, and at least a few exchanges happen in a run. With
+the default outer optimizer (``average``: the mean of the PCs' adapters) the smallest such H
+is the best: the PCs drift apart less between exchanges. With a Nesterov rule it is never
+proposed below ``MIN_PROPOSED_EVERY``: momentum multiplies each exchange's change by up to
+lr / (1 - momentum) = 7, and exchanging after every step carried B's norm to 5 times
+replicate's in tests/bench/bench_diloco.py. Eight steps keep a margin there; the floor is a
+margin, not a measured limit.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class Overheads:
     # datasets, Ray's client and the tokenizer. Its peak RSS in a run of configs/demo.yaml
     # was 669 MiB (PSS 533 MiB), sampled every 0.3 s, 2026-12-02.
     driver_process: int = int(0.65 * GiB)
-    # Preparing the data (swarm.train.data: numpy arrays, never a Python object per token)
+    # Preparing the data (swarm.data.prepare: numpy arrays, never a Python object per token)
     # raises the driver's peak by this much per token, and once the blocks are in Ray's
     # object store it keeps this much: `python tests/bench/bench_data.py --tokens 1e7` and
     # `--tokens 5e7`, instruction records, seq_len 2048: peak 590 and 1,370 MiB over 241 MiB
@@ -253,7 +253,7 @@ def worker_terms(shape: ModelShape, work: Workload, strategy: Strategy, world: i
     # The shard is memory-mapped; its pages count in the RSS once read (on CPU workers the
     # shared RSS rose by 95-105% of the file's size at the load peak in every calibration run).
     # A 4-bit base that ZeRO-3 will shard is loaded into host RAM first (a GPU worker cannot
-    # hold it whole; see swarm.train.device.loading_arguments), then partitioned; so is any
+    # hold it whole; see swarm.train.worker.device.loading_arguments), then partitioned; so is any
     # base a diloco PC shards (partitioned over the PC's workers, not by transformers).
     largest_tensor = max(g.weight_numel for g in shape.groups)
     loads_in_ram = strategy.zero_stage == 3 and ((device == "gpu" and quantized) or work.partition_per_pc)

@@ -147,7 +147,7 @@ def spread_workers(workers: int, capacities: list[int]) -> list[int]:
 
     Ray Train packs its workers onto as few nodes as it can; the driver's node comes first
     in ``capacities``. The memory plan sizes each node for its share; the worker group that
-    really starts asks for the plan of the nodes it landed on (see ``swarm.train.plans``).
+    really starts asks for the plan of the nodes it landed on (see ``swarm.train.driver.plans``).
     """
     spread = []
     left = workers

@@ -6,7 +6,7 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` holding
 - ``trainer_state.safetensors``: tensors of the trainer's state, by name: Adam's moments
   (``exp_avg/NAME``, ``exp_avg_sq/NAME``), the RNG states (``rng/torch``, ``rng/cuda/I``,
   ``rng/numpy``) and a strategy's own state (``extra/NAME``: diloco's outer momentum and
-  each PC's own adapter and moments, see ``swarm.train.pc_state``);
+  each PC's own adapter and moments, see ``swarm.train.worker.diloco.pc_state``);
 - ``trainer_state.json``: the rest: the step, the number of samples seen (the data
   position), the optimizer's step count, the LR schedule and the other RNG fields;
 - ``manifest.json``: the step, a fingerprint of what the run trains (to refuse an
@@ -119,7 +119,7 @@ def split_state(trainer: dict[str, Any]) -> tuple[dict, dict]:
         "optimizer_step": trainer["optimizer_step"], "scheduler": trainer["scheduler"],
         "moment_keys": sorted(trainer["moments"]),
         "extra_keys": sorted(trainer.get("extra", {})),
-        "diloco": trainer.get("diloco"),  # the PCs and the last exchange (swarm.train.pc_state)
+        "diloco": trainer.get("diloco"),  # the PCs and the last exchange (swarm.train.worker.diloco.pc_state)
         "cuda_rng_states": len(rng["cuda"] or []),
         "numpy_rng": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python_rng": {"version": version, "state": list(python_state), "gauss_next": gauss_next},

@@ -10,16 +10,27 @@ holds messages as pickled bytes: it never imports torch, and costs one light pro
 - The newest delivered checkpoint stays here, so a worker group that Ray Train restarts
   after a failure continues from it (``resume_state``), whether or not the driver has
   finished writing it to disk yet.
-- The plan of each worker group the driver has made (``swarm.train.plans``) waits here
-  for the group's rank 0 to take it.
+- The plan of each worker group the driver has made (``swarm.train.driver.plans``) waits here
+  for the group's rank 0 to take it, by the shape of the group (``group_key``).
 """
 
 from __future__ import annotations
 
 import pickle
 import threading
-from collections import deque
+from collections import Counter, deque
 from typing import Any
+
+# The shape of a worker group: ((node address, workers there), ...), sorted; "local" for a
+# run on a Ray started for it, whose single node is the driver's.
+GroupKey = tuple
+
+
+def group_key(addresses: list[str], local: bool) -> GroupKey:
+    """The key of a worker group from each rank's node address."""
+    if local:
+        return (("local", len(addresses)),)
+    return tuple(sorted(Counter(addresses).items()))
 
 
 class Mailbox:

@@ -21,10 +21,10 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from swarm.config import load_job  # noqa: E402
+from swarm.data.prepare import prepare_data  # noqa: E402
 from swarm.hardware import inventory  # noqa: E402
 from swarm.plan import make_plan  # noqa: E402
-from swarm.train.data import prepare_data  # noqa: E402
-from swarm.train.model import load_model  # noqa: E402
+from swarm.train.worker.model import load_model  # noqa: E402
 
 job = load_job(sys.argv[1])
 torch.set_num_threads(os.cpu_count() or 1)

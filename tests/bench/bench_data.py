@@ -7,7 +7,7 @@ Run from the repository root:
 Writes a synthetic JSON-lines data set of about --tokens tokens (records of random words of
 configs/data/demo.txt, in the tiny-model tokenizer, whose 512 entries make about 1.5 tokens
 per word), then, each in a fresh process with a local Ray as `swarm train` has it, prepares
-it (``swarm.train.data.prepare_data``: read, check, tokenize, split, pack) and hands the
+it (``swarm.data.prepare.prepare_data``: read, check, tokenize, split, pack) and hands the
 blocks to Ray's object store (``ray.put``, what the driver does next). It prints the
 tokens per second of preparation, the process's RSS before (python, libraries, tokenizer),
 its peak while preparing and while handing the blocks to Ray (whose object store maps them
@@ -54,7 +54,7 @@ if args["before"]:
     old_launch = importlib.import_module("old_swarm_pack")
     prepare = lambda: old_launch.pack_arrays(old_data.prepare_data(cfg, tokenizer))
 else:
-    from swarm.train.data import prepare_data
+    from swarm.data.prepare import prepare_data
     def prepare():
         prepared = prepare_data(cfg, tokenizer)
         return {"train": prepared.train, "eval": prepared.eval, "stats": prepared.stats}
@@ -80,7 +80,7 @@ nbytes = sum(a.nbytes for v in data.values() if v is not None
              for a in ([v] if hasattr(v, "nbytes") else [x for x in vars(v).values() if hasattr(x, "nbytes")]))
 ref = ray.put(data)
 if not args["before"]:
-    data.clear()  # as swarm.train.fit.fit does
+    data.clear()  # as swarm.train.driver.fit.fit does
 del data, result
 if not args["before"]:
     import gc
@@ -120,7 +120,9 @@ def write_data(path: Path, tokens: float, fmt: str) -> None:
 
 
 def old_modules(rev: str, folder: Path) -> Path:
-    """REV's data.py (as old_swarm_data) and its pack_arrays (as old_swarm_pack) in ``folder``."""
+    """REV's data.py (as old_swarm_data) and its pack_arrays (as old_swarm_pack) in ``folder``.
+
+    The paths are those of the revisions that had ``pack_arrays`` (before ``swarm/data/``)."""
     folder.mkdir(parents=True, exist_ok=True)
     source = subprocess.run(["git", "show", f"{rev}:swarm/train/data.py"], cwd=REPO, capture_output=True, text=True,
                             check=True).stdout

@@ -2,7 +2,7 @@
 
 For each architecture (Llama, Qwen2, Mistral; random weights from a config, nothing
 downloaded) and each strategy (``shard``: ZeRO-3 with parameters and optimizer in CPU
-RAM; ``replicate``: ZeRO-2), the model is loaded by ``swarm.train.model.load_model`` as a
+RAM; ``replicate``: ZeRO-2), the model is loaded by ``swarm.train.worker.model.load_model`` as a
 worker loads it, initialised with the plan's DeepSpeed config, and stepped twice; the
 second step is measured by ``tests/lab/memory_ledger.py`` (bytes alive after the forward,
 each storage once; the logits' peak in backward). Each measured term is printed beside the
@@ -95,8 +95,8 @@ def measure(arch: str, strategy: str, args, checkpointing: bool) -> dict:
     from swarm.config.models import JobConfig
     from swarm.hardware import inventory
     from swarm.plan import make_plan
-    from swarm.train.objective import SupervisedObjective
-    from swarm.train.model import load_model, trainable_parameters
+    from swarm.train.worker.model import load_model, trainable_parameters
+    from swarm.train.worker.objective import SupervisedObjective
 
     kind, params, optimizer = STRATEGIES[strategy]
     folder = make_model(arch, args.work / f"{arch}-{args.hidden}x{args.layers}", args.hidden, args.layers, args.vocab)

@@ -61,7 +61,7 @@ def alone_loss(run: Path, base: Path, rows: list[dict]) -> float:
     from trainkit import trained_model
     from transformers import AutoTokenizer
 
-    from swarm.train.tokenize import bos_of, tokenize
+    from swarm.data.tokenize import bos_of, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
     model = trained_model(base, run / "adapter")

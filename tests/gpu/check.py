@@ -3,7 +3,7 @@
 For each case: a model of a public architecture's shape (a bundled config, random weights,
 written locally: nothing is downloaded) is planned by ``swarm.plan.make_plan`` on this
 machine's inventory (NVML; ``SWARM_GPU_MEMORY_GB`` makes the card look like a consumer
-one, and the worker caps torch's allocator to match), loaded by ``swarm.train.model``
+one, and the worker caps torch's allocator to match), loaded by ``swarm.train.worker.model``
 exactly as a worker loads it, initialised with the plan's DeepSpeed config, and trained
 for a few steps on a repeating token sequence. It prints tokens/s and peak GPU memory
 next to the plan's prediction and writes a JSON summary.
@@ -68,9 +68,9 @@ def run_case(name: str, args) -> dict:
     from swarm.config.models import JobConfig
     from swarm.hardware import gpu_memory_cap_bytes, inventory
     from swarm.plan import make_plan
-    from swarm.train.device import memory_fraction, worker_device
-    from swarm.train.loop import lr_lambda
-    from swarm.train.model import load_model, trainable_parameters
+    from swarm.train.worker.device import memory_fraction, worker_device
+    from swarm.train.worker.loop import lr_lambda
+    from swarm.train.worker.model import load_model, trainable_parameters
 
     shape, params, optimizer, strategy = CASES[name]
     model_dir = make_model(shape, args.work / shape, args.layers)

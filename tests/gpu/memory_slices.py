@@ -12,7 +12,7 @@ must each be within 0.85-1.1 of the plan's.
 
 The slices are built on the card with random weights and quantized there by bitsandbytes
 (nothing is written to disk: a 6-layer 70B slice is 7.3 B parameters), then handed to
-``swarm.train.model.prepare_model``, the code every worker runs after reading its weights.
+``swarm.train.worker.model.prepare_model``, the code every worker runs after reading its weights.
 The plan is made for ``configs/hardware/one-4060ti-64gb-nvme.yaml`` (one 16 GB card, 64 GB
 RAM), from a folder holding only the slice's ``config.json``.
 
@@ -135,7 +135,7 @@ def measure_peak(job, plan, device: str) -> tuple[int, float]:
     import deepspeed
     import torch
 
-    from swarm.train.model import DTYPES, prepare_model, trainable_parameters
+    from swarm.train.worker.model import DTYPES, prepare_model, trainable_parameters
 
     plan_dict = plan.to_dict()
     dtype = DTYPES[plan_dict["precision"]]
@@ -202,7 +202,7 @@ def run(args) -> list[dict]:
     import deepspeed
 
     from swarm.hardware import gpu_memory_cap_bytes
-    from swarm.train.device import memory_fraction
+    from swarm.train.worker.device import memory_fraction
 
     device = f"cuda:{torch.cuda.current_device()}"
     total = torch.cuda.get_device_properties(device).total_memory

@@ -3,7 +3,7 @@
 A world of one is enough to catch what NCCL refuses and gloo accepts (a host tensor in any
 group, a collective before ``set_device``): NCCL checks each tensor's device whatever the
 group's size. The case joins the group as a Ray Train worker does
-(``swarm.train.collectives.join``), then runs what a worker runs across processes: the
+(``swarm.train.worker.collectives.join``), then runs what a worker runs across processes: the
 group's plan and the hosts' facts, the per-step sums, a PC's token count, and a diloco
 exchange between a real DeepSpeed engine's LoRA weights and the global adapter (the PC's
 group on NCCL, the group between PCs on gloo).
@@ -29,11 +29,11 @@ def run(device: str, model_device: str | None = None) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from swarm.train import collectives
-    from swarm.train.diloco import PcGroups
-    from swarm.train.driver_link import gather_hosts
-    from swarm.train.exchange import Exchange
-    from swarm.train.outer import outer_step
+    from swarm.train.worker import collectives
+    from swarm.train.worker.diloco.exchange import Exchange
+    from swarm.train.worker.diloco.groups import PcGroups
+    from swarm.train.worker.diloco.outer import outer_step
+    from swarm.train.worker.driver_link import gather_hosts
 
     model_device = model_device or device
     collectives.join("nccl", device, init_method="env://", rank=0, world_size=1)

@@ -27,9 +27,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch, torch.distributed as dist, deepspeed
 from deepspeed.utils import safe_get_full_fp32_param
 from peft import LoraConfig, get_peft_model
-from swarm.train import collectives
-from swarm.train.diloco import PcGroups
-from swarm.train.exchange import Exchange
+from swarm.train.worker import collectives
+from swarm.train.worker.diloco.exchange import Exchange
+from swarm.train.worker.diloco.groups import PcGroups
 
 rank, world, stage, lr, momentum, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
 addresses = json.loads(sys.argv[7])
@@ -148,9 +148,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch, torch.distributed as dist, deepspeed
 from safetensors.torch import load_file
 from swarm.config.models import JobConfig
-from swarm.train import collectives
-from swarm.train.diloco import PcGroups
-from swarm.train.model import load_model
+from swarm.train.worker import collectives
+from swarm.train.worker.diloco.groups import PcGroups
+from swarm.train.worker.model import load_model
 
 rank, world, out, model_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 addresses = json.loads(sys.argv[5])

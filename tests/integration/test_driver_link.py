@@ -6,8 +6,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from swarm.train.driver_link import DriverLink
 from swarm.train.mailbox import start_mailbox, unpack
+from swarm.train.worker.driver_link import DriverLink
 
 
 @pytest.fixture(scope="module")

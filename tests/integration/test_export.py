@@ -71,7 +71,7 @@ def bnb_config():
 def load_4bit(base: Path):
     from transformers import AutoModelForCausalLM
 
-    from swarm.train.model import keep_4bit_layout
+    from swarm.train.worker.model import keep_4bit_layout
 
     model = AutoModelForCausalLM.from_pretrained(base, quantization_config=bnb_config(), dtype=torch.float32)
     # Compute as training does on every CPU (bitsandbytes' eval path would switch to its

@@ -77,8 +77,8 @@ def test_saved_adapter_reproduces_the_trained_models_outputs(reference, tiny_mod
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from swarm.config import load_job
-    from swarm.train.data import prepare_data
-    from swarm.train.model import keep_4bit_layout
+    from swarm.data.prepare import prepare_data
+    from swarm.train.worker.model import keep_4bit_layout
 
     job_path, run_dir, _ = reference
     job = load_job(job_path)

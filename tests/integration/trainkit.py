@@ -177,7 +177,7 @@ def trained_model(base: Path, adapter: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from swarm.train.model import keep_4bit_layout
+    from swarm.train.worker.model import keep_4bit_layout
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)

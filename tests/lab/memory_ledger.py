@@ -1,6 +1,6 @@
 """What a training step holds, measured on the CPU: the device-independent terms of the plan.
 
-A :class:`StepLedger` watches one forward and backward of a model that ``swarm.train.model``
+A :class:`StepLedger` watches one forward and backward of a model that ``swarm.train.worker.model``
 loaded (and ``deepspeed.initialize`` wrapped). Every storage an operator creates while it
 watches is remembered by a weak reference (a ``TorchDispatchMode``: it sees each aten and
 bitsandbytes operator, DeepSpeed's gathers included), so the bytes still alive at any

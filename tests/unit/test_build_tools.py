@@ -12,8 +12,8 @@ from swarm.config.models import JobConfig
 from swarm.errors import UserError
 from swarm.inventory import GpuInfo, NodeInventory
 from swarm.plan.placement import NodeSlots
+from swarm.train.driver.plans import run_planner
 from swarm.train.ops import OPS
-from swarm.train.plans import run_planner
 
 GiB = 1024**3
 RTX_3090 = GpuInfo("NVIDIA GeForce RTX 3090", 24 * GiB, (8, 6))

@@ -44,13 +44,13 @@ def stand_in(monkeypatch):
     yield recorder
     if dist.is_initialized():
         dist.destroy_process_group()
-    collectives = sys.modules.get("swarm.train.collectives")
+    collectives = sys.modules.get("swarm.train.worker.collectives")
     if collectives is not None:
         collectives.leave()
 
 
 def join_as_a_ray_worker() -> None:
-    from swarm.train.trainer import join_process_group
+    from swarm.train.driver.trainer import join_process_group
 
     local_rendezvous()
     join_process_group(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), "nccl", 60)
@@ -61,7 +61,7 @@ class PlainExchange:
 
     @staticmethod
     def make(named, groups, lr, momentum):
-        from swarm.train.exchange import Exchange
+        from swarm.train.worker.diloco.exchange import Exchange
 
         class Plain(Exchange):
             def _local_flat(self):
@@ -77,11 +77,11 @@ class PlainExchange:
 
 
 def test_a_second_card_is_set_before_the_process_group_and_the_group_plan(stand_in, monkeypatch):
-    import swarm.train.plans
-    from swarm.train.driver_link import group_plan
+    import swarm.train.worker.driver_link
+    from swarm.train.worker.driver_link import group_plan
 
     plan = {"strategy": {"name": "shard"}, "micro_batch": (2, 3)}
-    monkeypatch.setattr(swarm.train.plans, "receive_group_plan", lambda mailbox, key, ask: plan)
+    monkeypatch.setattr(swarm.train.worker.driver_link, "receive_group_plan", lambda mailbox, key, ask: plan)
     join_as_a_ray_worker()
     answer, addresses = group_plan(None, None, 0, 1, local=False)
 
@@ -92,7 +92,7 @@ def test_a_second_card_is_set_before_the_process_group_and_the_group_plan(stand_
 
 
 def test_the_hosts_facts_cross_as_json_on_the_card(stand_in):
-    from swarm.train.driver_link import gather_hosts
+    from swarm.train.worker.driver_link import gather_hosts
 
     join_as_a_ray_worker()
     hosts = gather_hosts(False)
@@ -102,7 +102,7 @@ def test_the_hosts_facts_cross_as_json_on_the_card(stand_in):
 
 
 def test_a_pcs_tokens_are_summed_on_the_card(stand_in):
-    from swarm.train.diloco import PcGroups
+    from swarm.train.worker.diloco.groups import PcGroups
 
     join_as_a_ray_worker()
     groups = PcGroups.build(["198.18.0.2"], 0)
@@ -116,7 +116,7 @@ def test_a_pcs_tokens_are_summed_on_the_card(stand_in):
 
 
 def test_the_step_sums_run_on_the_card(stand_in):
-    from swarm.train import collectives
+    from swarm.train.worker import collectives
 
     join_as_a_ray_worker()
     assert collectives.reduce_numbers([1.5, 2.0, 0.0]) == [1.5, 2.0, 0.0]
@@ -126,8 +126,8 @@ def test_the_step_sums_run_on_the_card(stand_in):
 
 
 def test_a_diloco_exchange_keeps_nccls_rules_and_crosses_pcs_on_host_memory(stand_in):
-    from swarm.train.diloco import PcGroups
-    from swarm.train.outer import outer_step
+    from swarm.train.worker.diloco.groups import PcGroups
+    from swarm.train.worker.diloco.outer import outer_step
 
     join_as_a_ray_worker()
     groups = PcGroups.build(["198.18.0.2"], 0)
@@ -154,10 +154,10 @@ def test_a_diloco_exchange_keeps_nccls_rules_and_crosses_pcs_on_host_memory(stan
 
 
 def test_a_collective_before_joining_is_refused(stand_in):
-    from swarm.train import collectives
+    from swarm.train.worker import collectives
 
     dist.init_process_group("gloo", init_method="env://", rank=0, world_size=1, timeout=dt.timedelta(seconds=30))
-    with pytest.raises(collectives.CollectiveOrderError, match="before swarm.train.collectives.join"):
+    with pytest.raises(collectives.CollectiveOrderError, match="before swarm.train.worker.collectives.join"):
         collectives.reduce_numbers([1.0])
 
 
@@ -174,7 +174,7 @@ def torch_distributed_users() -> list[str]:
     """Modules of swarm, other than the helper, that import or name torch.distributed."""
     found = []
     for path in sorted(SWARM.rglob("*.py")):
-        if path.name == "collectives.py" and path.parent.name == "train":
+        if path.name == "collectives.py" and path.parent.name == "worker":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = []

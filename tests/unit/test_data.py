@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from swarm.config.models import DataSection
+from swarm.data.prepare import prepare_data
 from swarm.errors import UserError
 from swarm.tiny import CHAT_TEMPLATE, train_tokenizer
-from swarm.train.data import prepare_data
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "data" / "demo.txt"
 CHAT = [

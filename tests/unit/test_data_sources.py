@@ -11,9 +11,9 @@ import pytest
 from trainkit import cache_hub_dataset
 
 from swarm.config.models import DataSection, DataSource
+from swarm.data.prepare import prepare_data
 from swarm.errors import UserError
 from swarm.tiny import train_tokenizer
-from swarm.train.data import prepare_data
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "data" / "demo.txt"
 ROWS = [{"prompt": f"Count to {i}", "response": f"one to {i}", "id": i} for i in range(12)]

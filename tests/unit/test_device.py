@@ -8,7 +8,7 @@ import pytest
 
 from swarm.config.models import QuantizationSection
 from swarm.errors import UserError
-from swarm.train.device import (
+from swarm.train.worker.device import (
     collective_env,
     loading_arguments,
     memory_fraction,
@@ -49,7 +49,7 @@ def test_a_sharded_16bit_base_is_partitioned_while_it_loads():
 @pytest.mark.parametrize("device", ["cpu", "cuda:0"])
 def test_a_16bit_base_sharded_within_a_diloco_pc_loads_into_host_ram_and_is_partitioned_there(device):
     # transformers' zero.Init would partition over every PC (issue 31): swarm partitions it
-    # itself, over the PC's group (swarm.train.model.partition_for_zero3).
+    # itself, over the PC's group (swarm.train.worker.model.partition_for_zero3).
     args = loading_arguments(quantized=False, zero_stage=3, device=device, per_pc=True)
     assert args.device_map == {"": "cpu"} and not args.zero3_init and args.partition_after_load
     assert loading_arguments(False, 2, device, per_pc=True).device_map == {"": device}

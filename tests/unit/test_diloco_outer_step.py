@@ -1,4 +1,4 @@
-"""diloco's outer optimizers (swarm.train.outer) on a real peft adapter's flat layout."""
+"""diloco's outer optimizers (swarm.train.worker.diloco.outer) on a real peft adapter's flat layout."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from swarm.train.exchange import lora_a_slices
-from swarm.train.outer import outer_step
+from swarm.train.worker.diloco.exchange import lora_a_slices
+from swarm.train.worker.diloco.outer import outer_step
 
 
 def lora_named():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from swarm.train.exchange import eval_due, exchange_due
+from swarm.train.worker.diloco.exchange import eval_due, exchange_due
 
 
 def schedule(max_steps: int, every: int, eval_every: int) -> tuple[list[int], list[int]]:
-    """(exchange steps, eval steps) as swarm.train.loop decides them."""
+    """(exchange steps, eval steps) as swarm.train.worker.loop decides them."""
     exchanges, evals, previous = [], [], 0
     for done in range(1, max_steps + 1):
         last = done == max_steps

@@ -184,7 +184,7 @@ def test_deepspeed_floor_has_zero3_checkpointing_with_frozen_parameters():
     # Before DeepSpeed 0.19.3 (PR 8148), ZeRO-3 partitions a frozen parameter (the whole
     # 4-bit base) while non-reentrant checkpointing recomputes a layer, and the first backward
     # raises torch's CheckpointError (reproduced with 0.19.2 on 2026-12-07; 0.19.3 trains).
-    # swarm now checkpoints reentrantly (swarm/train/model.py), which 0.19.2 also trains; the
+    # swarm now checkpoints reentrantly (swarm/train/worker/model.py), which 0.19.2 also trains; the
     # floor stays so that a return to non-reentrant checkpointing cannot meet that crash.
     allowed = dependencies()["deepspeed"].specifier
     assert not allowed.contains("0.19.2") and allowed.contains("0.19.3")

@@ -1,6 +1,6 @@
 """The README and docs/ stay true to the code: every `swarm ...` command they show parses with
-swarm's own parser, every job key they name exists, every file and page they point at exists,
-and the README stays a newcomer's page."""
+swarm's own parser, every job key they name exists, every file and page they point at exists
+(swarm's own modules included), and the README stays a newcomer's page."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_every_file_and_page_pointed_at_exists(page):
     for link in re.findall(r"\]\(([^)#]+)\)", text):
         if not link.startswith("http"):
             assert (page.parent / link).exists(), f"{page.name} links to {link}"
-    for path in re.findall(r"`((?:configs|tests|docs|launcher|docker)/[\w./-]+\.(?:yaml|py|sh|md|txt))`", text):
+    for path in re.findall(r"`((?:swarm|configs|tests|docs|launcher|docker)/[\w./-]+\.(?:yaml|py|sh|md|txt))`", text):
         assert (ROOT / path).exists(), f"{page.name} names {path}"
 
 

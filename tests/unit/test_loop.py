@@ -6,7 +6,7 @@ from itertools import pairwise
 import pytest
 
 from swarm.config.models import JobConfig
-from swarm.train.loop import cpu_threads_per_worker, lr_lambda
+from swarm.train.worker.loop import cpu_threads_per_worker, lr_lambda
 
 
 def job_with(**train) -> JobConfig:

@@ -55,7 +55,7 @@ def test_a_slice_is_built_in_4bit_and_trains_through_prepare_model(tmp_path):
 
     from swarm.plan import make_plan
     from swarm.plan.inventories import load_hardware
-    from swarm.train.model import prepare_model, trainable_parameters
+    from swarm.train.worker.model import prepare_model, trainable_parameters
 
     raw = {**ms.slice_config("llama-3.1-8b", 2), "hidden_size": 256, "intermediate_size": 512,
            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000,

@@ -17,7 +17,7 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes.functional import has_avx512bf16  # noqa: E402
 
-from swarm.train.model import keep_4bit_layout  # noqa: E402
+from swarm.train.worker.model import keep_4bit_layout  # noqa: E402
 
 CPU_HAS_PACKED_KERNEL = has_avx512bf16()
 

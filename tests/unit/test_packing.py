@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from swarm.train.packing import IGNORE, BlockBuilder, PairBuilder, best_fit
+from swarm.data.packing import IGNORE, BlockBuilder, PairBuilder, best_fit
 
 EOS, PAD = 0, 1
 
@@ -64,7 +64,7 @@ def test_the_second_example_of_a_packed_block_does_not_see_the_first(tiny_models
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models("llama"), attn_implementation=attention,
                                                  dtype=torch.float32).eval()
-    model.config.use_cache = False  # as swarm.train.model sets it: transformers packs only without a cache
+    model.config.use_cache = False  # as swarm.train.worker.model sets it: transformers packs only without a cache
     first, second = list(range(40, 52)), list(range(60, 69))
     isolated = build([first, second], seq_len=32, isolate=True)
     assert len(isolated) == 1

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from swarm.train.checkpoint import join_state, split_state
-from swarm.train.pc_state import restore_pc_state
+from swarm.train.worker.diloco.pc_state import restore_pc_state
 
 
 def trainer_state(**extra) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from trainkit import perturb_lora
 
-from swarm.train.preference import PreferenceObjective, dpo_loss, orpo_loss, sequence_logps
+from swarm.train.worker.preference import PreferenceObjective, dpo_loss, orpo_loss, sequence_logps
 
 ROWS = [{"prompt": "the keeper climbed", "chosen": " the stairs", "rejected": " a gull flew"},
         {"prompt": "he lit", "chosen": " the lamp", "rejected": " nothing at all"}]

@@ -1,4 +1,4 @@
-"""Ray Train's private parts swarm relies on (swarm/train/trainer.py) are still there.
+"""Ray Train's private parts swarm relies on (swarm/train/driver/trainer.py) are still there.
 
 A Ray upgrade that moves or renames one fails here, naming it, before any training run
 does; pyproject.toml's Ray range is the range this test has passed on.
@@ -36,7 +36,7 @@ def test_the_installed_ray_is_in_the_range_pyproject_allows():
 
 @pytest.mark.parametrize(("module", "name", "methods"), RELIED_ON, ids=[f"{m}.{n}" for m, n, _ in RELIED_ON])
 def test_each_private_part_is_there(module, name, methods):
-    where = "swarm/train/trainer.py relies on it; see its docstring"
+    where = "swarm/train/driver/trainer.py relies on it; see its docstring"
     try:
         found = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
@@ -51,7 +51,7 @@ def test_the_controller_still_takes_its_scaling_policy_by_name():
     source = inspect.getsource(DataParallelTrainer)
     assert "scaling_policy" in source, (
         f"Ray {ray.__version__}: DataParallelTrainer no longer passes scaling_policy to its controller; "
-        "swarm/train/trainer.py replaces it for a Ray started for one run")
+        "swarm/train/driver/trainer.py replaces it for a Ray started for one run")
 
 
 def test_the_preemption_watcher_switch_is_read_by_ray_train():
@@ -59,7 +59,8 @@ def test_the_preemption_watcher_switch_is_read_by_ray_train():
 
     root = Path(v2.__file__).parent
     assert any("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" in p.read_text() for p in root.rglob("*.py")), (
-        f"Ray {ray.__version__} no longer reads RAY_TRAIN_ENABLE_PREEMPTION_WATCHER; swarm/train/trainer.py sets it")
+        f"Ray {ray.__version__} no longer reads RAY_TRAIN_ENABLE_PREEMPTION_WATCHER; "
+        "swarm/train/driver/trainer.py sets it")
 
 
 DEAD_NODE = ("\x1b[33m(raylet)\x1b[0m The node with node id: 5f2a and address: 198.18.0.3 and node name: "
@@ -73,12 +74,12 @@ def test_cluster_errors_reach_swarm_as_one_note_line(monkeypatch):
     several lines; swarm takes that function's place and keeps the first sentence."""
     import ray._private.worker as ray_worker
 
-    from swarm.train.trainer import route_ray_errors
+    from swarm.train.driver.trainer import route_ray_errors
 
     listener = inspect.getsource(ray_worker.listen_error_messages)
     assert "print_to_stdstream(" in listener, (
         f"Ray {ray.__version__}: listen_error_messages no longer prints through print_to_stdstream; "
-        "swarm/train/trainer.py route_ray_errors relies on it")
+        "swarm/train/driver/trainer.py route_ray_errors relies on it")
     monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # restored after
     notes = []
     route_ray_errors(notes.append)

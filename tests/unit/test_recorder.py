@@ -1,11 +1,11 @@
 """The driver's recorder and progress display, fed the messages a worker sends in the
-order ``swarm.train.loop`` sends them (a step, then that step's eval)."""
+order ``swarm.train.worker.loop`` sends them (a step, then that step's eval)."""
 
 from __future__ import annotations
 
 from swarm.config.models import JobConfig
 from swarm.metrics_log import FILE, read_metrics
-from swarm.train.recorder import RunRecorder
+from swarm.train.driver.recorder import RunRecorder
 
 MAX_STEPS = 4
 

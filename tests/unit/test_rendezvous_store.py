@@ -8,7 +8,7 @@ import socket
 import psutil
 import torch.distributed as dist
 
-from swarm.train.collectives import rendezvous_store
+from swarm.train.worker.collectives import rendezvous_store
 
 TIMEOUT = dt.timedelta(seconds=10)
 

@@ -6,7 +6,7 @@ import pytest
 
 from swarm.config.models import JobConfig
 from swarm.errors import UserError
-from swarm.train.resume import check_compatible, fingerprint
+from swarm.train.driver.resume import check_compatible, fingerprint
 
 SHA = "0" * 64
 

@@ -17,8 +17,9 @@ from swarm.config.models import JobConfig
 from swarm.errors import UserError
 from swarm.inventory import GpuInfo, NodeInventory
 from swarm.plan.placement import NodeSlots
-from swarm.train.plans import group_key, run_planner
-from swarm.train.survey import as_ray_offers
+from swarm.train.driver.plans import run_planner
+from swarm.train.driver.survey import as_ray_offers
+from swarm.train.mailbox import group_key
 
 GiB = 1024**3
 RTX_3090 = GpuInfo("NVIDIA GeForce RTX 3090", 24 * GiB, (8, 6))

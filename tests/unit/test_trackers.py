@@ -10,7 +10,7 @@ import pytest
 
 from swarm.config.models import JobConfig
 from swarm.errors import UserError
-from swarm.train.trackers import Trackers, check_trackers
+from swarm.train.driver.trackers import Trackers, check_trackers
 
 
 def job(*trackers: str) -> JobConfig:

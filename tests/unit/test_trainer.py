@@ -8,12 +8,12 @@ import sys
 from ray.train import RunConfig, ScalingConfig
 from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
 
-from swarm.train.ray_session import free_dashboard_port
-from swarm.train.trainer import LocalFixedScalingPolicy, ProcessGroupConfig, lean_trainer
+from swarm.train.driver.ray_session import free_dashboard_port
+from swarm.train.driver.trainer import LocalFixedScalingPolicy, ProcessGroupConfig, lean_trainer
 
 
 def test_trainer_module_loads_without_torch():
-    code = "import sys, swarm.train.trainer; print('torch' in sys.modules)"
+    code = "import sys, swarm.train.driver.trainer; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -50,7 +50,7 @@ def test_local_fixed_policy_decides_without_an_autoscaling_coordinator():
 
 def test_every_worker_of_a_pc_sees_all_its_gpus_and_takes_its_own():
     # Ray Train would otherwise give each worker one GPU, numbered 0 in every worker; swarm's
-    # device choice (swarm.train.device.worker_device) takes the one at the local rank.
+    # device choice (swarm.train.worker.device.worker_device) takes the one at the local rank.
     assert ProcessGroupConfig("nccl", 300).backend_cls.share_cuda_visible_devices
 
 

@@ -14,8 +14,8 @@ from swarm.config.models import JobConfig
 from swarm.durable import write_json
 from swarm.errors import UserError
 from swarm.train import checkpoint
-from swarm.train import resume as resume_rules
-from swarm.train.recorder import RunRecorder
+from swarm.train.driver import resume as resume_rules
+from swarm.train.driver.recorder import RunRecorder
 
 
 def kept_checkpoint(run_dir: Path) -> str:

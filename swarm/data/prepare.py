@@ -1,13 +1,13 @@
 """Training data: read the sources, check every record, tokenize, hold out eval records, pack.
 
-Two passes over the sources (``swarm.train.sources``: local files, ``save_to_disk``
+Two passes over the sources (``swarm.data.sources``: local files, ``save_to_disk``
 folders, Arrow files, Hugging Face Hub data sets), each a batch of records at a time:
 
-1. every record is checked (``swarm.train.records``) before any token is made; one
+1. every record is checked (``swarm.data.records``) before any token is made; one
    without what its format needs is an error naming the file and line
    (``skip_bad_records`` skips and counts it);
-2. the good records are tokenized (``swarm.train.tokenize``) and appended to the train or
-   eval builder (``swarm.train.packing``), which keep numpy arrays, never a Python object
+2. the good records are tokenized (``swarm.data.tokenize``) and appended to the train or
+   eval builder (``swarm.data.packing``), which keep numpy arrays, never a Python object
    per token.
 
 Every document starts with BOS (when the tokenizer adds one) and ends with EOS; the lines
@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from swarm.config.models import DataSection
+from swarm.data.packing import BlockBuilder, Blocks, PairBuilder, Pairs
+from swarm.data.records import normalize, problem
+from swarm.data.sources import Source, open_source, quiet_datasets, sha256_of
+from swarm.data.tokenize import RecordError, bos_of, tokenize, tokenize_pairs
 from swarm.errors import UserError
-from swarm.train.packing import BlockBuilder, Blocks, PairBuilder, Pairs
-from swarm.train.records import normalize, problem
-from swarm.train.sources import Source, open_source, quiet_datasets, sha256_of
-from swarm.train.tokenize import RecordError, bos_of, tokenize, tokenize_pairs
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import psutil
 
 from swarm.config.models import JobConfig
 from swarm.errors import RunFailure
-from swarm.train.run_folder import kept_checkpoint
+from swarm.train.driver.run_folder import kept_checkpoint
 
 
 class ray_session:
@@ -29,7 +29,7 @@ class ray_session:
     def __enter__(self) -> str | None:
         import ray
 
-        from swarm.train.trainer import LOCAL_RAY_SYSTEM_CONFIG, route_ray_errors
+        from swarm.train.driver.trainer import LOCAL_RAY_SYSTEM_CONFIG, route_ray_errors
 
         settings = self.job.ray
         # Cluster errors (a PC marked dead) as one note line each, never over the progress output.

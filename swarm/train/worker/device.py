@@ -2,7 +2,7 @@
 
 Every branch that only a GPU takes is decided here, from its inputs (the plan's strategy,
 the worker's local rank, the GPU's name, capability and memory), so the suite tests it on a
-machine without one. ``swarm.train.model`` and ``swarm.train.loop`` carry the decisions out.
+machine without one. ``swarm.train.worker.model`` and ``swarm.train.worker.loop`` carry the decisions out.
 
 Loading a 4-bit base (``loading_arguments``), from reading transformers 5 and DeepSpeed 0.19:
 

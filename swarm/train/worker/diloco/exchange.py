@@ -1,11 +1,11 @@
-"""The ``diloco`` strategy's exchange between PCs, on every worker (see ``swarm.train.diloco``).
+"""The ``diloco`` strategy's exchange between PCs, on every worker (see ``swarm.train.worker.diloco``).
 
 - **Start**: PC 0's adapter is broadcast to every PC before the first step, so the PCs start
   from one adapter whatever random numbers each drew (another peft, torch or CPU kernel).
 - **Exchange**, exactly once every ``H`` steps and at the run's last step (so the run's output
   is the global adapter): each PC's pseudo-gradient (the global adapter at the last exchange
   minus its adapter now) is averaged across the PCs, weighted by the tokens each trained, in
-  bf16, and the outer optimizer (``swarm.train.outer``) moves the global adapter; every PC
+  bf16, and the outer optimizer (``swarm.train.worker.diloco.outer``) moves the global adapter; every PC
   continues from it. Nothing else commits an outer step: evals run at exchanges (the global
   adapter exists only there, and an eval between them would cost an exchange's traffic to
   preview it), and a checkpoint between exchanges keeps each PC's own state instead.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from swarm.train.outer import outer_step
+from swarm.train.worker.diloco.outer import outer_step
 
 
 def exchange_due(done: int, every: int, last: bool) -> bool:
@@ -76,7 +76,7 @@ class Exchange:
     Args:
         engine: this worker's DeepSpeed engine.
         named: the trainable (name, parameter) pairs, in a fixed order.
-        groups: the run's PC groups (``swarm.train.diloco.PcGroups``).
+        groups: the run's PC groups (``swarm.train.worker.diloco.groups.PcGroups``).
         sync: the plan's ``sync`` section (``outer_optimizer``, ``outer_lr``, ``outer_momentum``).
         resume: the checkpoint the run resumes from (its adapter already restored), or None
             to start: then PC 0's adapter is broadcast to every PC. Collective.
@@ -98,7 +98,7 @@ class Exchange:
             self.global_flat = self._broadcast_start()
             self.momentum_buf = torch.zeros_like(self.global_flat)
         else:
-            from swarm.train.pc_state import restore_pc_state
+            from swarm.train.worker.diloco.pc_state import restore_pc_state
 
             self.global_flat = self._local_flat()  # the checkpoint's adapter: the global one
             extra = resume["trainer"].get("extra", {})
@@ -108,7 +108,7 @@ class Exchange:
 
     def _broadcast_start(self):
         """PC 0's adapter, made every PC's (collective)."""
-        from swarm.train import collectives
+        from swarm.train.worker import collectives
 
         local = self._local_flat()  # collective inside the PC
         groups = self.groups
@@ -130,7 +130,7 @@ class Exchange:
 
     def pc_tokens(self) -> float:
         """This PC's tokens since the last exchange. Collective inside the PC."""
-        from swarm.train import collectives
+        from swarm.train.worker import collectives
 
         return collectives.reduce_numbers([float(self.tokens)], group=self.groups.intra)[0]
 
@@ -138,7 +138,7 @@ class Exchange:
         """Exchange adapters after ``step``: every worker calls it at the same step."""
         import torch
 
-        from swarm.train import collectives
+        from swarm.train.worker import collectives
 
         started = time.perf_counter()
         tokens = self.pc_tokens()

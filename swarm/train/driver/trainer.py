@@ -78,14 +78,14 @@ class ProcessGroupBackend(Backend):
 def join_process_group(address: str, port: int, backend: str, timeout_s: int) -> None:
     """Runs on each worker: torch's distributed variables, the worker's device, then the group.
 
-    With NCCL the device is set before the group exists (``swarm.train.collectives.join``):
+    With NCCL the device is set before the group exists (``swarm.train.worker.collectives.join``):
     NCCL makes each communicator on the current device, which is GPU 0 until it is set.
     """
     import ray.train
     import torch
 
-    from swarm.train import collectives
-    from swarm.train.device import worker_device
+    from swarm.train.worker import collectives
+    from swarm.train.worker.device import worker_device
 
     context = ray.train.get_context()
     os.environ.update({
@@ -96,7 +96,7 @@ def join_process_group(address: str, port: int, backend: str, timeout_s: int) ->
     })
     if backend == "nccl":
         from swarm.hardware import gpus
-        from swarm.train.device import collective_env
+        from swarm.train.worker.device import collective_env
 
         for key, value in collective_env(backend, [(g.name, g.compute_capability) for g in gpus()]).items():
             os.environ.setdefault(key, value)

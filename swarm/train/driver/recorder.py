@@ -4,7 +4,7 @@ Rank 0 sends plain dicts through the run's mailbox (see ``swarm.train.mailbox``)
 recorder is their only reader and the driver's only writer of the run's files while the
 workers run (metrics.jsonl, checkpoints, the adapter, plan.json, deepspeed.json, the
 trackers). It runs in a thread of the driver while ``TorchTrainer.fit`` blocks; what it
-shows goes through ``swarm.train.progress``.
+shows goes through ``swarm.train.driver.progress``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from swarm.config.models import JobConfig
 from swarm.durable import atomic_folder, write_json
 from swarm.metrics_log import FILE as METRICS_FILE
 from swarm.metrics_log import MetricsLog, read_metrics
-from swarm.train.progress import ProgressDisplay, status_text
-from swarm.train.trackers import Trackers
+from swarm.train.driver.progress import ProgressDisplay, status_text
+from swarm.train.driver.trackers import Trackers
 
 
 class RunRecorder:
@@ -26,7 +26,7 @@ class RunRecorder:
     def __init__(self, run_dir: Path, job: JobConfig, dashboard_url: str | None, status_job_id: str | None = None,
                  planner=None):
         self.run_dir = run_dir
-        self.planner = planner  # a swarm.train.plans.GroupPlanner: answers the worker groups' plan requests
+        self.planner = planner  # a swarm.train.driver.plans.GroupPlanner: answers the worker groups' plan requests
         self.refusal: str | None = None  # why a worker group could not train (the job no longer fits it)
         self.failure: str | None = None  # what the driver failed to do with a worker's message (a write)
         self.status_job_id = status_job_id
@@ -48,7 +48,7 @@ class RunRecorder:
         self._lock = threading.Lock()
         if dashboard_url:
             self.display.line(f"dashboard: {dashboard_url}")
-        # TensorBoard, W&B, MLflow as log.to says (swarm.train.trackers); finished by the driver.
+        # TensorBoard, W&B, MLflow as log.to says (swarm.train.driver.trackers); finished by the driver.
         self.trackers = Trackers(run_dir, job, resumed_step, note=self.note, dashboard_url=dashboard_url)
 
     # -- messages ---------------------------------------------------------------------

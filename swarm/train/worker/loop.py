@@ -15,14 +15,14 @@ import time
 from typing import Any
 
 from swarm.config.models import JobConfig
-from swarm.train.diloco import PcGroups
-from swarm.train.exchange import Exchange, eval_due, exchange_due, full_numel
-from swarm.train.driver_link import DriverLink, gather_hosts, grad_norm, group_plan, memory_figures, sent_bytes_counter
 from swarm.train.mailbox import unpack
-from swarm.train.pc_state import add_pc_state
-from swarm.train.plans import plan_of_pc
 from swarm.train.runtime import prepare_process_env
-from swarm.train.trainable_state import gather_adapter, gather_trainable_state, restore_trainer_state
+from swarm.train.worker.diloco.exchange import Exchange, eval_due, exchange_due, full_numel
+from swarm.train.worker.diloco.groups import PcGroups
+from swarm.train.worker.diloco.pc_state import add_pc_state
+from swarm.train.worker.driver_link import (DriverLink, gather_hosts, grad_norm, group_plan, memory_figures, plan_of_pc,
+                                           sent_bytes_counter)
+from swarm.train.worker.trainable_state import gather_adapter, gather_trainable_state, restore_trainer_state
 
 
 def lr_lambda(job: JobConfig):
@@ -80,7 +80,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     Args:
         cfg: ``job`` (the job as a dict), ``data`` (ref to ``{"train", "eval"}``: numpy
-            ``Blocks``, or ``Pairs`` for preference methods, see ``swarm.train.packing``),
+            ``Blocks``, or ``Pairs`` for preference methods, see ``swarm.data.packing``),
             ``mailbox`` (the driver's ``Mailbox`` actor, which also holds the checkpoint
             to start from, if any, and the plans of the worker groups),
             ``fingerprint`` (what this run trains), ``local`` (a run on a Ray started for
@@ -88,7 +88,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             step; a swarm run).
 
     Ray Train calls it again on a new worker group after a failure or a resize; the group
-    asks the driver for its plan (``swarm.train.plans``) and continues from the newest
+    asks the driver for its plan (``swarm.train.driver.plans``) and continues from the newest
     checkpoint the mailbox holds.
     """
     prepare_process_env()
@@ -98,12 +98,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
-    from swarm.train import collectives
+    from swarm.data.sampling import micro_batch_indices
     from swarm.hardware import gpu_memory_cap_bytes
-    from swarm.train.device import memory_fraction, worker_device
-    from swarm.train.model import load_model, trainable_parameters
-    from swarm.train.objective import objective_for
-    from swarm.train.sampling import micro_batch_indices
+    from swarm.train.worker import collectives
+    from swarm.train.worker.device import memory_fraction, worker_device
+    from swarm.train.worker.model import load_model, trainable_parameters
+    from swarm.train.worker.objective import objective_for
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -175,7 +175,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         for text in exchange.notes if exchange is not None else []:
             link.send({"kind": "note", "text": text})
 
-    # data: swarm.train.packing Blocks (or Pairs for preference methods) per split.
+    # data: swarm.data.packing Blocks (or Pairs for preference methods) per split.
     objective = objective_for(job)
     num_blocks, mb, ga = len(data["train"]), plan["micro_batch"], plan["grad_accum"]
 
@@ -265,8 +265,8 @@ def evaluate(engine, split, objective, job: JobConfig, mb: int, rank: int, world
     micro-batches of ``mb`` blocks per worker."""
     import torch
 
-    from swarm.train import collectives
-    from swarm.train.objective import eval_figures
+    from swarm.train.worker import collectives
+    from swarm.train.worker.objective import eval_figures
 
     batches = min(job.train.eval_batches, max(1, math.ceil(len(split) / (mb * world))))
     device = engine.device

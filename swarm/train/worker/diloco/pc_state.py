@@ -27,7 +27,7 @@ def add_pc_state(exchange, state: dict) -> None:
     import torch
     from peft import get_peft_model_state_dict
 
-    from swarm.train import collectives
+    from swarm.train.worker import collectives
 
     groups = exchange.groups
     keys = _moment_keys(state)

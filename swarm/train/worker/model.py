@@ -1,6 +1,6 @@
 """Worker side: the frozen 4-bit base with LoRA adapters, placed as the plan says.
 
-Where the base is loaded and how ZeRO-3 takes it is decided in ``swarm.train.device``
+Where the base is loaded and how ZeRO-3 takes it is decided in ``swarm.train.worker.device``
 (pure, tested on CPU); this module carries it out. The quantized weights are stored in the
 training dtype (``bnb_4bit_quant_storage``) so that DeepSpeed can partition them like any
 other parameter of that dtype.
@@ -14,7 +14,7 @@ import torch
 
 from swarm.config.models import JobConfig
 from swarm.errors import UserError
-from swarm.train.device import loading_arguments, quantization_kwargs
+from swarm.train.worker.device import loading_arguments, quantization_kwargs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -178,7 +178,7 @@ def keep_4bit_layout(model) -> int:
         if not hasattr(module, "support_avx512bf16_for_cpu"):
             raise RuntimeError(
                 "this bitsandbytes release has no Linear4bit.support_avx512bf16_for_cpu; swarm cannot stop its "
-                "in-place CPU repacking of 4-bit weights (see swarm/train/model.py keep_4bit_layout)"
+                "in-place CPU repacking of 4-bit weights (see swarm/train/worker/model.py keep_4bit_layout)"
             )
         module.support_avx512bf16_for_cpu = False
         count += 1

@@ -1,4 +1,4 @@
-"""Preference training: DPO and ORPO losses on pairs of answers (``swarm.train.packing.Pairs``).
+"""Preference training: DPO and ORPO losses on pairs of answers (``swarm.data.packing.Pairs``).
 
 A micro-batch holds the chosen answers of its pairs, then their rejected ones (one forward
 pass for both). What each loss reads is the log-probability of every answer, summed over

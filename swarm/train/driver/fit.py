@@ -11,8 +11,8 @@ from typing import Any
 
 from swarm.config.models import JobConfig
 from swarm.errors import RunFailure, UserError
-from swarm.train.plans import GroupPlanner
-from swarm.train.recorder import RunRecorder
+from swarm.train.driver.plans import GroupPlanner
+from swarm.train.driver.recorder import RunRecorder
 from swarm.train.runtime import return_freed_memory
 
 # A hung collective (a PC gone mid-step) fails after this long, not after torch's 30 minutes.
@@ -23,7 +23,7 @@ def fit(job: JobConfig, splits: dict[str, Any], recorder: RunRecorder, fingerpri
         planner: GroupPlanner) -> None:
     """Run the Ray Train workers and feed their messages to ``recorder``.
 
-    ``splits`` (``train`` and ``eval``: ``swarm.train.packing`` Blocks or Pairs) go to Ray's
+    ``splits`` (``train`` and ``eval``: ``swarm.data.packing`` Blocks or Pairs) go to Ray's
     object store and the dict is emptied, so that the driver holds no second copy.
 
     A worker group that fails (a PC dropped out) is restarted by Ray Train from the newest
@@ -35,10 +35,10 @@ def fit(job: JobConfig, splits: dict[str, Any], recorder: RunRecorder, fingerpri
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
-    from swarm.train.failures import FailureNotes
-    from swarm.train.loop import train_loop_per_worker
+    from swarm.train.driver.failures import FailureNotes
+    from swarm.train.driver.trainer import ProcessGroupConfig, lean_trainer
     from swarm.train.mailbox import pack, start_mailbox
-    from swarm.train.trainer import ProcessGroupConfig, lean_trainer
+    from swarm.train.worker.loop import train_loop_per_worker
 
     placement = planner.placement
     data = ray.put(dict(splits))

@@ -19,7 +19,7 @@ back there; this module places every tensor on its group's device first. ``join`
 device (``torch.cuda.set_device``) before the process group exists, and every call refuses
 to run before it. Groups made with ``new_group(on_host=True)`` run gloo on host tensors
 beside NCCL: diloco's exchange between PCs, whose state lives in host RAM
-(``swarm.train.diloco``).
+(``swarm.train.worker.diloco``).
 
 The run's rendezvous store (``rendezvous_store``) listens on rank 0's swarm address only,
 where torch's own would listen on every address of the PC.
@@ -113,7 +113,7 @@ def device_of(group=None) -> torch.device:
     """The device a collective of ``group`` (None: the default group) runs on."""
     if _device is None:
         raise CollectiveOrderError(
-            "a torch collective before swarm.train.collectives.join set the device: with NCCL every "
+            "a torch collective before swarm.train.worker.collectives.join set the device: with NCCL every "
             "worker would take GPU 0")
     if group is not None and any(group is g for g in _host_groups):
         return torch.device("cpu")

@@ -20,10 +20,10 @@ import yaml
 from swarm.config.models import JobConfig
 from swarm.durable import replace_text, write_json
 from swarm.errors import RunFailure, UserError
-from swarm.train import resume as resume_rules
-from swarm.train.fit import fit
-from swarm.train.plans import GroupPlanner
-from swarm.train.preflight import (
+from swarm.train.driver import resume as resume_rules
+from swarm.train.driver.fit import fit
+from swarm.train.driver.plans import GroupPlanner
+from swarm.train.driver.preflight import (
     check_model_source,
     check_offload_folder,
     check_reachable,
@@ -31,11 +31,11 @@ from swarm.train.preflight import (
     load_tokenizer,
     with_absolute_paths,
 )
-from swarm.train.ray_session import ray_session, swarm_client_env, watch_local_ray
-from swarm.train.recorder import RunRecorder
-from swarm.train.run_folder import kept_checkpoint, open_run_dir, write_run_summary
+from swarm.train.driver.ray_session import ray_session, swarm_client_env, watch_local_ray
+from swarm.train.driver.recorder import RunRecorder
+from swarm.train.driver.run_folder import kept_checkpoint, open_run_dir, write_run_summary
+from swarm.train.driver.trackers import check_trackers
 from swarm.train.runtime import prepare_process_env
-from swarm.train.trackers import check_trackers
 
 
 def train(job: JobConfig, resume: str | bool | None = None) -> Path:
@@ -63,7 +63,7 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
         # planned again below, once the prepared data (which the driver holds) is known.
         plan_run(job, None)
     tokenizer = load_tokenizer(job)
-    from swarm.train.data import prepare_data
+    from swarm.data.prepare import prepare_data
 
     prepared = prepare_data(job.data, tokenizer)
     if prepared.train is None:
@@ -84,7 +84,7 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
     with (session := ray_session(job)) as dashboard_url:
         if job.ray.address:
             # A swarm is asked what it offers; refusals still come before any weight is read.
-            from swarm.train.survey import survey_cluster
+            from swarm.train.driver.survey import survey_cluster
 
             planner = plan_run(job, survey_cluster(), data_tokens)
         plan = planner.current
@@ -145,8 +145,8 @@ def plan_run(job: JobConfig, nodes, data_tokens: int = 0) -> GroupPlanner:
         data_tokens: tokens of the prepared data (the driver's share of the head's RAM).
     """
     from swarm.hardware import inventory
-    from swarm.train.plans import run_planner
-    from swarm.train.survey import node_inventories
+    from swarm.train.driver.plans import run_planner
+    from swarm.train.driver.survey import node_inventories
 
     if nodes is None:
         return run_planner(job, None, [inventory(offload=job.offload.nvme_path)], data_tokens)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import time
 
-from swarm.train.mailbox import pack
+from swarm.train.mailbox import GroupKey, group_key, pack, unpack
 
 
 class DriverLink:
@@ -54,7 +55,7 @@ class DriverLink:
 
 
 def group_plan(mailbox, link: DriverLink | None, rank: int, world: int, local: bool) -> tuple[dict, list[str]]:
-    """This worker group's plan from the driver (see ``swarm.train.plans``), the same on every
+    """This worker group's plan from the driver (see ``swarm.train.driver.plans``), the same on every
     rank, and each rank's node address.
 
     Collective: every rank gathers the node addresses of the group; rank 0 asks the driver
@@ -62,8 +63,7 @@ def group_plan(mailbox, link: DriverLink | None, rank: int, world: int, local: b
     """
     import ray
 
-    from swarm.train import collectives
-    from swarm.train.plans import group_key, receive_group_plan
+    from swarm.train.worker import collectives
 
     addresses = collectives.all_gather_json(ray.util.get_node_ip_address())
     answer = None
@@ -73,9 +73,45 @@ def group_plan(mailbox, link: DriverLink | None, rank: int, world: int, local: b
     return collectives.broadcast_json(answer, src=0), addresses
 
 
+def receive_group_plan(mailbox, key: GroupKey, ask, timeout_s: float = 300.0) -> dict:
+    """Rank 0's side: the plan (``Plan.to_dict()``) of its group, or ``{"refused": line}``.
+
+    Args:
+        mailbox: the run's mailbox actor.
+        key: this group's key.
+        ask: sends the driver a request for ``key`` (only called when the mailbox has none).
+        timeout_s: how long to wait for the driver's answer.
+    """
+    import ray
+
+    packed = ray.get(mailbox.plan.remote(key))
+    if packed is None:
+        ask()
+        deadline = time.monotonic() + timeout_s
+        while packed is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the driver did not plan worker group {key} within {timeout_s:.0f} s")
+            time.sleep(0.2)
+            packed = ray.get(mailbox.plan.remote(key))
+    return unpack(packed)
+
+
+def plan_of_pc(plan: dict, address: str) -> dict:
+    """What a worker of a ``diloco`` run uses: its PC's own plan inside the run's plan.
+
+    Its PC's DeepSpeed config, strategy, micro-batch and accumulation replace the run's;
+    the precision, placement and the exchange (``sync``) stay the run's.
+    """
+    pcs = plan["pcs"]
+    # A run on its own Ray has one PC, whose address the plan never learned.
+    [pc] = pcs if len(pcs) == 1 else [pc for pc in pcs if pc["address"] == address]
+    return {**plan, "deepspeed": pc["deepspeed"], "strategy": pc["strategy"], "micro_batch": pc["micro_batch"],
+            "grad_accum": pc["grad_accum"], "pc": pc["name"]}
+
+
 def gather_hosts(on_gpu: bool) -> list[dict]:
     """Every rank's ``host_facts``, in rank order. Collective."""
-    from swarm.train import collectives
+    from swarm.train.worker import collectives
 
     return collectives.all_gather_json(host_facts(on_gpu))
 

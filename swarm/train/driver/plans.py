@@ -7,32 +7,19 @@ per worker and possibly the strategy change with the group. So the first thing a
 is ask for its plan by the shape of the group (workers per node address); the driver
 answers from the nodes' inventories, with ``swarm.plan.make_plan`` as for the first group,
 and refuses, in one line, a group on which the job no longer fits. The answer travels
-through the run's mailbox actor (``swarm.train.mailbox``).
+through the run's mailbox actor (``swarm.train.mailbox``, keyed by ``group_key``); the
+workers' side of it is ``swarm.train.worker.driver_link``.
 """
 
 from __future__ import annotations
-
-import time
-from collections import Counter
 
 from swarm.config.models import JobConfig
 from swarm.errors import UserError
 from swarm.inventory import NodeInventory
 from swarm.plan import Plan, make_plan
 from swarm.plan.placement import NodeSlots, Placement, node_capacity, place_workers, spread_workers
+from swarm.train.mailbox import GroupKey
 from swarm.train.ops import check_build_tools
-
-# The shape of a worker group: ((node address, workers there), ...), sorted; "local" for a
-# run on a Ray started for it, whose single node is the driver's.
-GroupKey = tuple
-
-
-def group_key(addresses: list[str], local: bool) -> GroupKey:
-    """The key of a worker group from each rank's node address."""
-    if local:
-        return (("local", len(addresses)),)
-    return tuple(sorted(Counter(addresses).items()))
-
 
 class GroupPlanner:
     """Driver side: the plan of every worker group of one run.
@@ -125,41 +112,3 @@ def run_planner(job: JobConfig, nodes: list[NodeSlots] | None, inventories: list
         raise UserError(f"this job does not fit: {plan.reason}; `swarm plan JOB` shows the figures")
     check_build_tools(plan.to_dict(), inventories)
     return planner
-
-
-def receive_group_plan(mailbox, key: GroupKey, ask, timeout_s: float = 300.0) -> dict:
-    """Rank 0's side: the plan (``Plan.to_dict()``) of its group, or ``{"refused": line}``.
-
-    Args:
-        mailbox: the run's mailbox actor.
-        key: this group's key.
-        ask: sends the driver a request for ``key`` (only called when the mailbox has none).
-        timeout_s: how long to wait for the driver's answer.
-    """
-    import ray
-
-    from swarm.train.mailbox import unpack
-
-    packed = ray.get(mailbox.plan.remote(key))
-    if packed is None:
-        ask()
-        deadline = time.monotonic() + timeout_s
-        while packed is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the driver did not plan worker group {key} within {timeout_s:.0f} s")
-            time.sleep(0.2)
-            packed = ray.get(mailbox.plan.remote(key))
-    return unpack(packed)
-
-
-def plan_of_pc(plan: dict, address: str) -> dict:
-    """What a worker of a ``diloco`` run uses: its PC's own plan inside the run's plan.
-
-    Its PC's DeepSpeed config, strategy, micro-batch and accumulation replace the run's;
-    the precision, placement and the exchange (``sync``) stay the run's.
-    """
-    pcs = plan["pcs"]
-    # A run on its own Ray has one PC, whose address the plan never learned.
-    [pc] = pcs if len(pcs) == 1 else [pc for pc in pcs if pc["address"] == address]
-    return {**plan, "deepspeed": pc["deepspeed"], "strategy": pc["strategy"], "micro_batch": pc["micro_batch"],
-            "grad_accum": pc["grad_accum"], "pc": pc["name"]}

@@ -1,8 +1,8 @@
 """What a worker minimises: the loss of one micro-batch, and its eval sums, per ``train.method``.
 
-The training loop (``swarm.train.loop``) asks ``objective_for(job)`` once and then only
+The training loop (``swarm.train.worker.loop``) asks ``objective_for(job)`` once and then only
 calls ``loss`` and ``eval_sums``; supervised fine-tuning lives here, preference training
-in ``swarm.train.preference``.
+in ``swarm.train.worker.preference``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class SupervisedObjective:
 def objective_for(job: JobConfig):
     """The objective of ``train.method``."""
     if job.train.method in ("dpo", "orpo"):
-        from swarm.train.preference import PreferenceObjective
+        from swarm.train.worker.preference import PreferenceObjective
 
         return PreferenceObjective(job.train.method, job.train.beta)
     return SupervisedObjective()

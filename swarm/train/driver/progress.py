@@ -1,6 +1,6 @@
 """What a run shows in the terminal: a live progress bar, or a status line every few
 seconds without a terminal, and notes above it. Nothing here writes files; the
-driver's recorder (``swarm.train.recorder``) decides what is shown.
+driver's recorder (``swarm.train.driver.recorder``) decides what is shown.
 """
 
 from __future__ import annotations

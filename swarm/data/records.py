@@ -13,12 +13,12 @@ Formats and the fields they read (``data.columns`` may rename them):
   ``prompt`` list; a string prompt is one user turn, a string answer one assistant turn).
 
 ``problem`` says why a record cannot serve (None when it can); ``normalize`` turns a good
-record into what ``swarm.train.tokenize`` takes.
+record into what ``swarm.data.tokenize`` takes.
 """
 
 from __future__ import annotations
 
-from swarm.train.sources import Unreadable
+from swarm.data.sources import Unreadable
 
 NEEDS = {"text": ("text",), "instruction": ("instruction", "output"), "chat": ("messages",),
          "sharegpt": ("conversations",), "preference": ("chosen", "rejected")}
@@ -47,7 +47,7 @@ def problem(row, fmt: str) -> str | None:
 
 
 def normalize(row: dict, fmt: str) -> dict:
-    """A good record in the form ``swarm.train.tokenize`` reads.
+    """A good record in the form ``swarm.data.tokenize`` reads.
 
     chat and sharegpt give ``{"messages": [...]}``; preference gives ``{"prompt", "chosen",
     "rejected"}``, all strings, or all lists of messages with the prompt split off.

@@ -14,7 +14,7 @@ from typing import Any
 
 from swarm.config.models import HUB_PREFIX, JobConfig
 from swarm.errors import UserError
-from swarm.train import resume as resume_rules
+from swarm.train.driver import resume as resume_rules
 
 
 def with_absolute_paths(job: JobConfig) -> JobConfig:

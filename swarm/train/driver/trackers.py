@@ -2,7 +2,7 @@
 
 Each is an optional package (``pip install 'swarm-train[trackers]'``); a job that names one
 that is missing is refused before anything loads. The driver writes to them from the same
-messages as metrics.jsonl (``swarm.train.progress``): the run's config at the start, every
+messages as metrics.jsonl (``swarm.train.driver.progress``): the run's config at the start, every
 step and eval record, and the run's final figures at the end.
 
 - ``tensorboard``: event files in RUN/tensorboard (``tensorboard --logdir RUN``).

@@ -3,8 +3,8 @@
 DiLoCo (Douillard et al., arXiv 2311.08105): every PC runs the single-PC path (its
 DeepSpeed process groups stay inside the PC: ZeRO never gathers the base over the home
 link) on its share of the data, with its own AdamW (the inner optimizer). Every ``H``
-steps the PCs exchange only their LoRA weights (``swarm.train.exchange``), and an outer
-optimizer (``swarm.train.outer``) moves the global adapter every PC continues from.
+steps the PCs exchange only their LoRA weights (``swarm.train.worker.diloco.exchange``), and an outer
+optimizer (``swarm.train.worker.diloco.outer``) moves the global adapter every PC continues from.
 
 ``PcGroups`` builds the process groups (each PC's, and one of every PC's first worker for the
 exchange) and the ``mpu`` that keeps DeepSpeed inside a PC.
@@ -40,7 +40,7 @@ class PcGroups:
     @classmethod
     def build(cls, addresses: list[str], rank: int) -> "PcGroups":
         """Create the groups from each rank's node address. Collective: every rank calls it."""
-        from swarm.train import collectives
+        from swarm.train.worker import collectives
 
         pcs = sorted(set(addresses))
         pc_ranks = [[r for r, a in enumerate(addresses) if a == pc] for pc in pcs]

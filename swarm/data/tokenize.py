@@ -1,4 +1,4 @@
-"""Tokens and loss masks of normalized records (``swarm.train.records``), a batch at a time.
+"""Tokens and loss masks of normalized records (``swarm.data.records``), a batch at a time.
 
 Where the loss falls (the mask is True there):
 
@@ -12,7 +12,7 @@ Where the loss falls (the mask is True there):
   (the prompt with the assistant header, then the answer turns).
 
 BOS, and the EOS that ends a document of a supervised format, are added by the packer
-(``swarm.train.packing``).
+(``swarm.data.packing``).
 """
 
 from __future__ import annotations
