@@ -16,9 +16,9 @@ The arms see the same sequences in the same order: at step s PC k trains on the 
 (s K + k) 2 and +1 of the seed's shuffle; ``replicate`` trains one adapter on all K PCs'
 sequences of the step at once (the mean of the PCs' losses: what averaging gradients every
 step computes). Every H steps the diloco arms exchange with swarm's own outer step
-(``swarm.train.outer.outer_step``; pseudo-gradients rounded to bf16 as on the wire):
+(``swarm.train.worker.diloco.outer.outer_step``; pseudo-gradients rounded to bf16 as on the wire):
 
-- ``average``, ``nesterov``, ``nesterov-b``: the rules of swarm.train.outer;
+- ``average``, ``nesterov``, ``nesterov-b``: the rules of swarm.train.worker.diloco.outer;
 - ``frozen-a/average``, ``frozen-a/nesterov``: LoRA's A factors frozen at their shared
   initialisation, only B trained and exchanged.
 
@@ -169,7 +169,7 @@ class Study:
 
 
 def schedule(total: int):
-    def factor(step: int) -> float:  # swarm.train.loop.lr_lambda's shape
+    def factor(step: int) -> float:  # swarm.train.worker.loop.lr_lambda's shape
         if step < WARMUP:
             return (step + 1) / (WARMUP + 1)
         progress = min(1.0, (step - WARMUP) / max(1, total - WARMUP))
@@ -210,7 +210,7 @@ def run_arm(study: Study, arm: str, pcs: int, every: int, seed: int, steps: int,
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
-    from swarm.train.outer import outer_step
+    from swarm.train.worker.diloco.outer import outer_step
 
     freeze_a = arm.startswith("frozen-a/")
     rule = arm.split("/")[-1]
