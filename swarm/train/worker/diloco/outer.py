@@ -6,16 +6,16 @@ default (tests/bench/study_diloco_outer.py, docs/benchmarks.md).
 
 The rules:
 
-- ``average``: the global adapter becomes the token-weighted mean of the PCs' adapters
-  (FedAvg; DiLoCo's outer SGD at lr 1 without momentum).
+- ``average`` (the default): the global adapter becomes the token-weighted mean of the PCs'
+  adapters (FedAvg; DiLoCo's outer SGD at lr 1 without momentum).
 - ``nesterov``: DiLoCo as published (Douillard et al., arXiv 2311.08105): Nesterov SGD on the
   whole adapter, the mean pseudo-gradient as its gradient.
 - ``nesterov-b``: Nesterov on LoRA's B factors (and any other trained weight), the plain mean
   on the A factors: extrapolating both factors moves their product B A quadratically.
 
-With ``lora.freeze_a`` the A factors are not trained and not exchanged (FFA-LoRA, arXiv
-2403.12313): the mean of the PCs' products B_k A is then exactly the product of the mean, and
-the exchange carries half the bytes.
+The study also tried freezing A at its shared initialisation (FFA-LoRA, arXiv 2403.12313:
+averaging B is then exact and the exchange carries half the bytes); with half the weights
+training it ended furthest from replicate, so it is not offered.
 """
 
 from __future__ import annotations

@@ -53,8 +53,10 @@ def add_pc_state(exchange, state: dict) -> None:
     trainer["extra"] = extra
     trainer["diloco"] = {"pcs": list(groups.addresses), "last_exchange": exchange.last_exchange,
                          "moment_keys": keys}
-    # The checkpoint's adapter is the global one: what an export of the checkpoint holds.
-    whole = {name: value for (name, _), value in zip(exchange.named, exchange.unflatten(exchange.global_flat))}
+    # The checkpoint's adapter is the global one: what an export of the checkpoint holds. Each
+    # tensor its own copy: a view would carry the whole flat adapter into the pickle that takes
+    # the checkpoint to the driver, once per tensor (8 GB for SmolLM2's 420 LoRA tensors).
+    whole = {name: value.clone() for (name, _), value in zip(exchange.named, exchange.unflatten(exchange.global_flat))}
     state["adapter"] = get_peft_model_state_dict(exchange.engine.module, state_dict=whole)
 
 
