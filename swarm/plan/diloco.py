@@ -8,8 +8,8 @@ slowest PC's step, plus the exchange spread over the ``H`` steps between exchang
 
 ``H`` (``train.sync_every``) is proposed so that the exchange costs at most
 ``EXCHANGE_SHARE`` of the training time, and at least a few exchanges happen in a run. With
-the default outer optimizer (``average``: the mean of the PCs' adapters) the smallest such H
-is the best: the PCs drift apart less between exchanges. With a Nesterov rule it is never
+the default outer optimizer (``average``: the mean of the PCs' adapters) it is the smallest
+such H: the exchange's cost is the only reason to wait longer. With a Nesterov rule it is never
 proposed below ``MIN_PROPOSED_EVERY``: momentum multiplies each exchange's change by up to
 lr / (1 - momentum) = 7, and exchanging after every step carried B's norm to 5 times
 replicate's in tests/bench/bench_diloco.py. Eight steps keep a margin there; the floor is a

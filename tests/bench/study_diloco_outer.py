@@ -317,7 +317,10 @@ def main_table(args) -> None:
     for (pcs, per_pc, arm, every, steps), runs in sorted(groups.items(),
                                                           key=lambda kv: (kv[0][:2], kv[0][4], kv[0][3] or 0, kv[0][2])):
         final = [r["eval"][str(steps)] for r in runs]
-        base = groups.get((pcs, per_pc, "replicate", None, steps))
+        # replicate of the same PCs, else one that trains the same records each step (4 x 1 as 2 x 2)
+        base = groups.get((pcs, per_pc, "replicate", None, steps)) or next(
+            (g for (p, q, a, _, n), g in groups.items() if a == "replicate" and n == steps and p * q == pcs * per_pc),
+            None)
         ref = statistics.mean(r["eval"][str(steps)] for r in base) if base else None
         vs = f"{100 * (statistics.mean(final) / ref - 1):+.2f}%" if ref else ""
         norm = statistics.mean(r["update_norm"] for r in runs)

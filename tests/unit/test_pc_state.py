@@ -20,8 +20,8 @@ def trainer_state(**extra) -> dict:
 
 
 def exchange_on(addresses, pc=0):
-    return SimpleNamespace(notes=[], last_exchange=5, groups=SimpleNamespace(addresses=addresses, pc=pc,
-                                                                             is_leader=True))
+    return SimpleNamespace(notes=[], last_exchange=5, groups=SimpleNamespace(
+        addresses=addresses, pc=pc, is_leader=True, pc_ranks=[[r] for r in range(len(addresses))]))
 
 
 def test_the_pcs_and_last_exchange_survive_the_checkpoint_format():
@@ -42,7 +42,7 @@ def test_a_checkpoint_from_before_each_pcs_state_resumes_with_a_note():
 
 
 def test_other_pcs_than_the_checkpoints_resume_from_the_global_adapter_with_a_note():
-    info = {"pcs": ["10.0.0.1", "10.0.0.2"], "last_exchange": 4, "moment_keys": ["exp_avg"]}
+    info = {"pcs": ["10.0.0.1", "10.0.0.2"], "pc_ranks": [[0], [1]], "last_exchange": 4, "moment_keys": ["exp_avg"]}
     resume = {"step": 5, "trainer": join_state(*split_state(trainer_state(diloco=info)))}
     exchange = exchange_on(["10.0.0.1"])
     restore_pc_state(exchange, resume)

@@ -103,7 +103,7 @@ class Exchange:
             self.global_flat = self._local_flat()  # the checkpoint's adapter: the global one
             extra = resume["trainer"].get("extra", {})
             self.momentum_buf = extra.get("outer_momentum", torch.zeros_like(self.global_flat)).float()
-            self.last_exchange = resume["step"]
+            self.last_exchange = resume["trainer"]["step"]  # a checkpoint from before the PCs' state: at an exchange
             restore_pc_state(self, resume)
 
     def _broadcast_start(self):

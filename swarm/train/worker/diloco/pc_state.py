@@ -45,14 +45,17 @@ def add_pc_state(exchange, state: dict) -> None:
         return
     size = own.numel()
     extra = {"outer_momentum": exchange.momentum_buf.clone()}
-    for pc, packed in enumerate(every_pc):
+    # torch orders a group by global rank: the gathered states come in the order of the PCs'
+    # first ranks, not in the PCs' (address) order.
+    by_rank = sorted(range(groups.pcs), key=lambda k: groups.pc_ranks[k][0])
+    for pc, packed in zip(by_rank, every_pc):
         extra[f"pc{pc}/adapter"] = packed[:size].clone()
         for i, key in enumerate(keys):
             extra[f"pc{pc}/{key}"] = packed[size * (i + 1):size * (i + 2)].clone()
         extra[f"pc{pc}/tokens"] = packed[-1:].clone()
     trainer["extra"] = extra
-    trainer["diloco"] = {"pcs": list(groups.addresses), "last_exchange": exchange.last_exchange,
-                         "moment_keys": keys}
+    trainer["diloco"] = {"pcs": list(groups.addresses), "pc_ranks": groups.pc_ranks,
+                         "last_exchange": exchange.last_exchange, "moment_keys": keys}
     # The checkpoint's adapter is the global one: what an export of the checkpoint holds. Each
     # tensor its own copy: a view would carry the whole flat adapter into the pickle that takes
     # the checkpoint to the driver, once per tensor (8 GB for SmolLM2's 420 LoRA tensors).
@@ -72,14 +75,18 @@ def restore_pc_state(exchange, resume: dict) -> None:
             "optimizer moments of the PC that wrote it (an approximation)")
         return
     exchange.last_exchange = info["last_exchange"]
-    if list(info["pcs"]) != list(exchange.groups.addresses):
+    groups = exchange.groups
+    # A PC's state follows its workers' global ranks, which choose the data each trains on
+    # (swarm.data.sampling): Ray may give the ranks to the PCs in another order on resume.
+    saved = [list(r) for r in info.get("pc_ranks", [])]
+    if list(info["pcs"]) != list(groups.addresses) or sorted(saved) != sorted(groups.pc_ranks):
         exchange.notes.append(
             f"the checkpoint's PCs ({', '.join(info['pcs'])}) are not this run's "
-            f"({', '.join(exchange.groups.addresses)}): every PC resumes from the global adapter of step "
+            f"({', '.join(groups.addresses)}): every PC resumes from the global adapter of step "
             f"{info['last_exchange']} with the first PC's inner moments, and the steps trained since that "
             "exchange are not in it (an approximation)")
         return
-    extra, pc = trainer["extra"], exchange.groups.pc
+    extra, pc = trainer["extra"], saved.index(list(groups.pc_ranks[groups.pc]))
     exchange.set_adapter(extra[f"pc{pc}/adapter"])
     for key in info["moment_keys"]:
         for (_, p), value in zip(exchange.named, exchange.unflatten(extra[f"pc{pc}/{key}"])):
