@@ -227,14 +227,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             })
         stopping = totals[2] > 0
         saving = stopping or last or done % job.train.checkpoint_every == 0
-        evaluating = data["eval"] is not None and (done % job.train.eval_every == 0 or last)
         # diloco: one outer step every H steps and at the last, whatever else happens; evals
         # run at exchanges (the global adapter exists only there), checkpoints at any step.
-        if exchange is not None:
-            previous = exchange.last_exchange
-            exchanging = exchange_due(done, plan["sync"]["every"], last)
-            evaluating = data["eval"] is not None and exchanging and eval_due(done, previous, job.train.eval_every, last)
-        if exchange is not None and exchanging:
+        exchanging = exchange is not None and exchange_due(done, plan["sync"]["every"], last)
+        if exchange is None:
+            due = done % job.train.eval_every == 0 or last
+        else:
+            due = exchanging and eval_due(done, exchange.last_exchange, job.train.eval_every, last)
+        evaluating = data["eval"] is not None and due
+        if exchanging:
             sent_before = sent_bytes()
             figures = exchange.sync(done)
             if link is not None:

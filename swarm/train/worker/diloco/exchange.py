@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from swarm.train.worker.diloco.outer import outer_step
+from swarm.train.worker.diloco.pc_state import restore_pc_state
 
 
 def exchange_due(done: int, every: int, last: bool) -> bool:
@@ -98,8 +99,6 @@ class Exchange:
             self.global_flat = self._broadcast_start()
             self.momentum_buf = torch.zeros_like(self.global_flat)
         else:
-            from swarm.train.worker.diloco.pc_state import restore_pc_state
-
             self.global_flat = self._local_flat()  # the checkpoint's adapter: the global one
             extra = resume["trainer"].get("extra", {})
             self.momentum_buf = extra.get("outer_momentum", torch.zeros_like(self.global_flat)).float()
