@@ -47,4 +47,5 @@ rm -f "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"/*/*/lock
 DS_ACCELERATOR=cpu python tests/build_ops.py
 
 # No path: pyproject's testpaths (tests/) when none is given, only the named files otherwise.
-exec python -m pytest -q -p no:cacheprovider --timeout=900 "$@"
+# --durations: the slowest tests in every log, to keep the suite near its 30 minutes.
+exec python -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 "$@"

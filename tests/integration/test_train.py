@@ -141,10 +141,11 @@ def test_stop_and_resume_gives_the_same_run(reference, tmp_path):
     assert f"from step {stopped_at}" in resumed.stderr
     expected, got = losses(ref_dir), losses(run_dir)
     assert sorted(got) == list(range(1, 17))
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
+    # Bit for bit: the same data, RNG, moments and schedule, and DeepSpeed's CPU Adam brought to
+    # the resumed step as the uninterrupted run reached it (test_resume_exact.py).
+    assert got == expected
     a, b = adapter_tensors(ref_dir / "adapter"), adapter_tensors(run_dir / "adapter")
-    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_checkpoints_move_between_worker_counts(reference, tmp_path):
