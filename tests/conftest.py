@@ -12,6 +12,12 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/lab: the network-namespa
 
 DEMO_TEXT = Path(__file__).resolve().parents[1] / "configs" / "data" / "demo.txt"
 
+# Every process a test starts finds the ninja DeepSpeed's ops were built with, also when pytest
+# runs as .venv/bin/python without the venv activated: another ninja rebuilds an op (minutes).
+from swarm.train.ops import pin_ninja  # noqa: E402
+
+pin_ninja()
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
