@@ -11,13 +11,13 @@ last bits, and diloco's bf16 exchanges grow that to percents (issue 31).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from lab.nccl_rules import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -81,12 +81,6 @@ assert trainable_state.restore_trainer_state(engine, scheduler, named, state) ==
 train(engine, scheduler, range(STOP, TOTAL))
 torch.save({"uninterrupted": uninterrupted, "resumed": adapter(named)}, out)
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(tmp_path: Path, stage: int, replay: str) -> dict:
