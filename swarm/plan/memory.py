@@ -49,23 +49,25 @@ class Overheads:
     # the Ray Train worker of `swarm train`): just before its model loads, a CPU worker
     # (python, torch, DeepSpeed, transformers, peft, bitsandbytes, Ray, the packed data) held
     # 570-590 MiB in 10 runs; a whole run on the 426k-parameter tiny model, whose model terms
-    # are a few MiB, peaked at 616 MiB.
-    cpu_worker_process: int = int(0.6 * GiB)
+    # are a few MiB, peaked at 616 MiB then and at 673-674 MiB on 2026-12-07 (4 runs, with and
+    # without swarm's malloc thresholds: the worker has grown, not its allocator).
+    cpu_worker_process: int = int(0.65 * GiB)
     # Loading on a CPU worker copies every weight out of the mapped checkpoint into a full-size
     # buffer (ZeRO-3 gathers each module to write it into its partition; bitsandbytes casts
-    # and quantizes each weight), and glibc's malloc keeps much of what is freed, along with
-    # the Python objects of the modules. Measured at the load peak beyond the kept weights and
-    # the mapped file, as a share of the weights' bytes: 0.40-0.82 with an fp32 base (ZeRO-3
-    # builds it partitioned) and 0.37-0.65 with a 4-bit base, on tiny Llamas of 39M, 77M and
-    # 129M parameters. With MALLOC_MMAP_THRESHOLD_=65536 (every freed buffer goes back to the
-    # system) the extra fell from 290 to 180 MiB on the 77M model.
-    cpu_load_retained: float = 0.6
+    # and quantizes each weight). A worker loads with glibc's mmap threshold fixed at 1 MiB
+    # (swarm.train.runtime.LOADING), so each copy goes back when freed; what stays beyond the
+    # kept weights and the mapped file, as a share of the weights' bytes, was -0.06 (fp32
+    # Llama), 0.06 (4-bit Llama, with torch's AVX512 and its AVX2 kernels) and 0.09 (4-bit
+    # Qwen2) on the 129M calibration models (docs/plan.md, "Calibration"). Under glibc's
+    # dynamic threshold it was 0.37-0.82, and varied with the CPU's kernels.
+    cpu_load_retained: float = 0.05
     # Training a 4-bit base on a CPU worker dequantizes every weight to the compute dtype in
-    # each forward, recomputation and backward, and malloc keeps about as much as all the
-    # dequantized weights together. Measured above the other training terms over 3 steps:
-    # 0.82-1.09 of the quantized weights' bytes in the compute dtype (same models; a 12-step
-    # run peaked no higher). With MALLOC_MMAP_THRESHOLD_=65536 the training RSS stays flat.
-    cpu_dequant_retained: float = 1.0
+    # each forward, recomputation and backward. A worker trains with glibc's mmap threshold
+    # at 32 MiB (swarm.train.runtime.TRAINING), so the heap keeps those buffers for the
+    # next step, as many as the order of allocations leaves unused: 0.44-0.85 of the
+    # quantized weights' bytes in the compute dtype, above the other training terms, in
+    # 3-12-step runs of the 129M 4-bit Llama with torch's AVX512 and AVX2 kernels.
+    cpu_dequant_retained: float = 0.9
     ray_node: int = int(0.3 * GiB)  # raylet and dashboard agent on every node
     ray_head: int = int(1.0 * GiB)  # GCS and dashboard on the first node
     # The swarm driver (`swarm train`'s own process): python with torch, transformers,

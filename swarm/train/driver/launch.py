@@ -35,7 +35,7 @@ from swarm.train.driver.ray_session import ray_session, swarm_client_env, watch_
 from swarm.train.driver.recorder import RunRecorder
 from swarm.train.driver.run_folder import kept_checkpoint, open_run_dir, write_run_summary
 from swarm.train.driver.trackers import check_trackers
-from swarm.train.runtime import prepare_process_env
+from swarm.train.runtime import prepare_process_env, swarm_sets_malloc
 
 
 def train(job: JobConfig, resume: str | bool | None = None) -> Path:
@@ -47,6 +47,7 @@ def train(job: JobConfig, resume: str | bool | None = None) -> Path:
             its newest intact checkpoint; a path to a run or checkpoint folder.
     """
     prepare_process_env()
+    swarm_sets_malloc(os.environ)  # what the local workers will read: a bad value is refused now
     if job.ray.address:
         # Ray reads its token variables once, when it is first imported (the tokenizer and
         # data libraries may import it): set them first.

@@ -16,7 +16,14 @@ from typing import Any
 
 from swarm.config.models import JobConfig
 from swarm.train.mailbox import unpack
-from swarm.train.runtime import prepare_process_env
+from swarm.train.runtime import (
+    LOADING,
+    TRAINING,
+    prepare_process_env,
+    return_freed_memory,
+    set_malloc_thresholds,
+    swarm_sets_malloc,
+)
 from swarm.train.worker.diloco.exchange import Exchange, eval_due, exchange_due, full_numel
 from swarm.train.worker.diloco.groups import PcGroups
 from swarm.train.worker.diloco.pc_state import add_pc_state
@@ -92,6 +99,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     checkpoint the mailbox holds.
     """
     prepare_process_env()
+    # Loading is a worker's peak: each copy of a weight it frees goes back to the system,
+    # or the peak depends on the CPU (swarm.train.runtime.set_malloc_thresholds).
+    fixing_malloc = swarm_sets_malloc(os.environ)
+    if fixing_malloc:
+        set_malloc_thresholds(LOADING)
+        return_freed_memory()
     import deepspeed
     import ray
     import ray.train
@@ -189,6 +202,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             # The driver holds the state before training goes on.
             link.deliver({"kind": "checkpoint", **state})
 
+    if fixing_malloc:  # every step dequantizes or gathers the same weights: the heap keeps them
+        set_malloc_thresholds(TRAINING)
     engine.train()
     for step in range(start_step, job.train.max_steps):
         started, sent_before = time.perf_counter(), sent_bytes()
