@@ -24,6 +24,7 @@ from swarm.plan.deepspeed import deepspeed_config, resolve_precision
 from swarm.plan.gpus import UNKNOWN_GPU, find_gpu
 from swarm.plan.placement import NodeSlots, Placement, node_capacity, place_workers, spread_workers
 from swarm.plan.shapes import ModelShape, load_shape
+from swarm.plan.speed import CPU_STEP_CAVEAT
 from swarm.plan.strategy import Strategy, allowed_strategies
 from swarm.plan.workload import Workload
 
@@ -88,6 +89,8 @@ class Plan:
             "workers": self.workers, "seq_len": self.seq_len,
             "deepspeed": self.deepspeed,
             "step_seconds": self.step_seconds, "tokens_per_s": self.tokens_per_s,
+            # the table says it beside the step times; JSON readers get the same warning
+            "step_seconds_caveat": None if self.placement.use_gpu else CPU_STEP_CAVEAT,
             "bytes_sent_per_step": max(n.step.bytes_sent for n in self.nodes),
             "model": {"name": m.name, "model_type": m.model_type, "params": m.total_params,
                       "quantized_params": m.quantizable_params if self.workload.bits == 4 else 0,

@@ -169,6 +169,13 @@ def test_plan_is_json_serialisable():
     assert data["fits"] is True and data["strategy"]["name"] and data["nodes"][0]["worker_terms"]
 
 
+def test_the_json_plan_says_cpu_step_times_are_rough_as_the_table_does():
+    on_gpu = make_plan(job(), [pc()]).to_dict()
+    on_cpu = make_plan(job("qwen2.5-0.5b", seq_len=128, micro_batch=1, grad_accum=1), [pc(gpus=(), ram_gb=24)]).to_dict()
+    assert on_gpu["step_seconds_caveat"] is None
+    assert "rough on CPUs" in on_cpu["step_seconds_caveat"]
+
+
 @pytest.mark.parametrize("mb, accum", [(3, 4), (8, 1)])
 def test_samples_per_step_are_kept_when_the_micro_batch_shrinks(mb, accum):
     plan = make_plan(job("qwen2.5-7b", 4096, mb, accum), [pc(gpus=(("RTX 3060", 12),), ram_gb=32)])
