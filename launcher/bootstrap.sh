@@ -33,9 +33,9 @@ usage: bootstrap.sh [options]
   -h, --help         show this help
 
 $SWARM_HOME (default ~/.swarm) is the state folder that holds the cluster secret.
-A C++ compiler and the Python headers (DeepSpeed compiles its ops on every PC) are installed
-when missing: g++ and pythonX.Y-dev with apt-get, gcc-c++ and pythonX.Y-devel with dnf, as
-root or through sudo.
+A C++ compiler, the Python headers and libaio's (DeepSpeed compiles its ops on every PC) are
+installed when missing: g++, pythonX.Y-dev and libaio-dev with apt-get, gcc-c++,
+pythonX.Y-devel and libaio-devel with dnf, as root or through sudo.
 Exit status: 0 when the PC is set up, 2 when a prerequisite is missing.
 EOF
 }
@@ -151,23 +151,32 @@ else
 fi
 
 # Build tools: DeepSpeed compiles its CPU Adam, AIO and CPU collective ops on every PC (torch's
-# cpp_extension runs $CXX, else c++, and includes Python.h); installed as root or through sudo.
+# cpp_extension runs $CXX, else c++, and includes Python.h; the AIO op includes libaio.h);
+# installed as root or through sudo.
 PY_MINOR=${PY_VERSION%.*}
 PY_INCLUDE=$("$PYTHON_PATH" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null) || PY_INCLUDE=
 if command -v apt-get >/dev/null 2>&1; then
-  PKG_TOOL=apt-get CXX_PKG=g++ PY_DEV_PKG=python$PY_MINOR-dev
+  PKG_TOOL=apt-get CXX_PKG=g++ PY_DEV_PKG=python$PY_MINOR-dev AIO_PKG=libaio-dev
 elif command -v dnf >/dev/null 2>&1; then
-  PKG_TOOL=dnf CXX_PKG=gcc-c++ PY_DEV_PKG=python$PY_MINOR-devel
+  PKG_TOOL=dnf CXX_PKG=gcc-c++ PY_DEV_PKG=python$PY_MINOR-devel AIO_PKG=libaio-devel
 else
-  PKG_TOOL='' CXX_PKG="a C++ compiler" PY_DEV_PKG="the Python $PY_MINOR headers"
+  PKG_TOOL='' CXX_PKG="a C++ compiler" PY_DEV_PKG="the Python $PY_MINOR headers" AIO_PKG="the libaio headers"
 fi
+has_libaio() {  # libaio.h where the compiler looks (swarm.hardware.include_dirs): NVMe offload's op includes it
+  local dir
+  for dir in ${CPATH//:/ } ${C_INCLUDE_PATH//:/ } ${CPLUS_INCLUDE_PATH//:/ } /usr/local/include /usr/include; do
+    [[ -f $dir/libaio.h ]] && return 0
+  done
+  return 1
+}
 build_needs() {  # what is missing, as this distribution's packages, one a line
   command -v "${CXX:-c++}" >/dev/null 2>&1 || printf '%s\n' "$CXX_PKG"
   [[ -n $PY_INCLUDE && -f $PY_INCLUDE/Python.h ]] || printf '%s\n' "$PY_DEV_PKG"
+  has_libaio || printf '%s\n' "$AIO_PKG"
 }
 mapfile -t needs < <(build_needs)
 if ((${#needs[@]} == 0)); then
-  ok "C++ compiler ($(command -v "${CXX:-c++}")) and Python $PY_MINOR headers, for DeepSpeed's ops"
+  ok "C++ compiler ($(command -v "${CXX:-c++}")) and Python $PY_MINOR headers, and libaio's, for DeepSpeed's ops"
 else
   why="DeepSpeed compiles its CPU Adam and AIO ops on every PC"
   missing=$(printf '%s, ' "${needs[@]}")

@@ -138,12 +138,19 @@ def computes_bf16(flags: set[str]) -> bool:
 # DeepSpeed's compiled ops that swarm loads (swarm.train.ops builds them), and what for.
 DEEPSPEED_OPS = {"cpu_adam": "optimizer offload", "async_io": "NVMe offload",
                  "deepspeed_shm_comm": "training on the CPU"}
-# What compiling them takes (torch's cpp_extension runs $CXX, else c++, and includes Python.h).
-COMPILER, PYTHON_HEADERS = "a C++ compiler", "the Python headers"
+# What compiling them takes (torch's cpp_extension runs $CXX, else c++, and includes Python.h);
+# async_io alone also includes libaio.h (DeepSpeed's AsyncIOBuilder).
+COMPILER, PYTHON_HEADERS, LIBAIO = "a C++ compiler", "the Python headers", "the libaio headers"
+
+
+def include_dirs() -> list[Path]:
+    """Where the compiler finds a system header: the include variables, then its default folders."""
+    extra = [d for var in ("CPATH", "C_INCLUDE_PATH", "CPLUS_INCLUDE_PATH") for d in os.environ.get(var, "").split(":") if d]
+    return [Path(d) for d in extra] + [Path("/usr/local/include"), Path("/usr/include")]
 
 
 def missing_build_tools() -> tuple[str, ...]:
-    """What this PC lacks to build DeepSpeed's ops: ``COMPILER``, ``PYTHON_HEADERS``, or nothing."""
+    """What this PC lacks to build DeepSpeed's ops: ``COMPILER``, ``PYTHON_HEADERS``, ``LIBAIO``, or nothing."""
     import sysconfig
 
     missing = []
@@ -151,6 +158,8 @@ def missing_build_tools() -> tuple[str, ...]:
         missing.append(COMPILER)
     if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
         missing.append(PYTHON_HEADERS)
+    if not any((folder / "libaio.h").is_file() for folder in include_dirs()):
+        missing.append(LIBAIO)
     return tuple(missing)
 
 
@@ -174,19 +183,23 @@ def prebuilt_ops() -> set[str]:
 
 
 def unbuildable_ops(missing: tuple[str, ...]) -> tuple[str, ...]:
-    """The ops of ``DEEPSPEED_OPS`` this PC cannot load: not compiled in, and ``missing`` tools."""
+    """The ops of ``DEEPSPEED_OPS`` this PC cannot load: not compiled in, and ``missing`` tools
+    (the compiler or Python's headers for every op; libaio's headers for async_io alone)."""
     if not missing:
         return ()
     built = prebuilt_ops()
-    return tuple(op for op in DEEPSPEED_OPS if op not in built)
+    every_op = bool(set(missing) - {LIBAIO})
+    return tuple(op for op in DEEPSPEED_OPS if op not in built and (every_op or op == "async_io"))
 
 
 def build_tools_advice(missing: tuple[str, ...] | list[str], python: str) -> str:
     """How to install ``missing`` on a PC with Python ``python`` ("3.11.7"): the packages
     launcher/bootstrap.sh installs on Debian/Ubuntu and on Fedora/RHEL."""
     minor = ".".join(python.split(".")[:2])
-    apt = [p for tool, p in ((COMPILER, "g++"), (PYTHON_HEADERS, f"python{minor}-dev")) if tool in missing]
-    dnf = [p for tool, p in ((COMPILER, "gcc-c++"), (PYTHON_HEADERS, f"python{minor}-devel")) if tool in missing]
+    apt = [p for tool, p in ((COMPILER, "g++"), (PYTHON_HEADERS, f"python{minor}-dev"), (LIBAIO, "libaio-dev"))
+           if tool in missing]
+    dnf = [p for tool, p in ((COMPILER, "gcc-c++"), (PYTHON_HEADERS, f"python{minor}-devel"), (LIBAIO, "libaio-devel"))
+           if tool in missing]
     return (f"launcher/bootstrap.sh installs them, or: sudo apt-get install {' '.join(apt)} "
             f"(Debian/Ubuntu), sudo dnf install {' '.join(dnf)} (Fedora/RHEL)")
 

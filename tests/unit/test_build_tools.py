@@ -108,6 +108,34 @@ def test_the_inventory_carries_them_through_its_dict():
     assert set(hardware.DEEPSPEED_OPS) == set(OPS)  # every op swarm builds is one the inventory speaks of
 
 
+@pytest.fixture
+def no_libaio(monkeypatch, tmp_path):
+    """This PC as one without libaio's headers (Debian's libaio-dev), which async_io includes."""
+    monkeypatch.setattr(hardware, "include_dirs", lambda: [tmp_path])
+
+
+def test_without_libaio_only_nvme_offload_is_refused(no_libaio):
+    me = hardware.inventory()
+    assert me.missing_build_tools == (hardware.LIBAIO,) and me.unbuildable_ops == ("async_io",)
+    assert hardware.build_tools_warning().startswith(
+        "warning: this PC lacks the libaio headers, so it cannot build DeepSpeed's ops async_io (NVMe offload), ")
+    assert "sudo apt-get install libaio-dev (Debian/Ubuntu), sudo dnf install libaio-devel" in hardware.build_tools_warning()
+    nodes = [NodeSlots("node1", "10.0.0.1", slots=1, gpus=1)]
+    me = replace(me, gpus=(RTX_3090,), address="10.0.0.1", offload_free_bytes=2000 * GiB)
+    with pytest.raises(UserError, match=r"cannot build DeepSpeed's async_io op, which this plan needs: it lacks the "
+                                        r"libaio headers; .*sudo apt-get install libaio-dev \(Debian"):
+        run_planner(job("llama-3.1-8b", "10.0.0.1:6379", {"optimizer": "nvme", "nvme_path": "/tmp"}), nodes, [me])
+    assert run_planner(job("llama-3.1-8b", "10.0.0.1:6379", {"optimizer": "cpu"}), nodes, [me]).current.fits
+
+
+def test_libaio_is_found_where_the_compiler_looks(monkeypatch, tmp_path):
+    (tmp_path / "libaio.h").write_text("")
+    monkeypatch.setenv("CPATH", str(tmp_path))
+    assert hardware.include_dirs()[0] == tmp_path
+    monkeypatch.setattr(hardware, "include_dirs", lambda: [tmp_path])
+    assert hardware.LIBAIO not in hardware.missing_build_tools()
+
+
 def test_this_machine_has_them():
     # It builds DeepSpeed's ops for the suite (tests/build_ops.py).
     assert hardware.missing_build_tools() == () and hardware.build_tools_warning() is None
