@@ -163,9 +163,10 @@ else
   PKG_TOOL='' CXX_PKG="a C++ compiler" PY_DEV_PKG="the Python $PY_MINOR headers" AIO_PKG="the libaio headers"
 fi
 has_libaio() {  # libaio.h where the compiler looks (swarm.hardware.include_dirs): NVMe offload's op includes it
-  local dir
-  for dir in ${CPATH//:/ } ${C_INCLUDE_PATH//:/ } ${CPLUS_INCLUDE_PATH//:/ } /usr/local/include /usr/include; do
-    [[ -f $dir/libaio.h ]] && return 0
+  local dir dirs
+  IFS=: read -ra dirs <<< "${CPATH:-}:${C_INCLUDE_PATH:-}:${CPLUS_INCLUDE_PATH:-}"
+  for dir in "${dirs[@]}" /usr/local/include /usr/include; do
+    [[ -n $dir && -f $dir/libaio.h ]] && return 0
   done
   return 1
 }
