@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -103,14 +104,10 @@ def set_malloc_thresholds(thresholds: MallocThresholds) -> bool:
 
     Returns whether glibc took the setting (False without glibc: macOS, musl).
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.mallopt(M_MMAP_THRESHOLD, thresholds.mmap) == 1 and libc.mallopt(M_TRIM_THRESHOLD, thresholds.trim) == 1
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
+    return mallopt(M_MMAP_THRESHOLD, thresholds.mmap) == 1 and mallopt(M_TRIM_THRESHOLD, thresholds.trim) == 1
 
 
 def return_freed_memory() -> None:
@@ -121,11 +118,18 @@ def return_freed_memory() -> None:
     of tests/bench/bench_data.py's data, 100 MiB after trimming), which the driver would hold
     for the whole run.
     """
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    if malloc_trim is not None:  # glibc only (not macOS, musl)
+        malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    """The C library, loaded once (``find_library`` runs ldconfig or a compiler), or None."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        pass
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None

@@ -20,12 +20,11 @@ from swarm.train.runtime import TRAINING, swarm_sets_malloc
 # two kept ones, so the heap cannot give it back by shrinking from its top. Prints the RSS
 # growth in MiB beyond the 160 MiB kept.
 PROBE = """
-import sys, torch
+import sys, psutil, torch
 from swarm.train.runtime import LOADING, set_malloc_thresholds
 
 def rss():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+    return psutil.Process().memory_info().rss / 2**20
 
 if sys.argv[1] == "loading":
     assert set_malloc_thresholds(LOADING)
